@@ -1,0 +1,167 @@
+"""Typed job configs: a dataclass, optionally filled from YAML, then overridden by flags.
+
+Every job (`jobs.extract`, `student.train`, `lma.finetune`, ...) declares one flat
+dataclass. `parse_config` builds an argparse parser from its fields, so that
+
+    python -m jobs.extract --config big.yaml --clip-frames 8 --fps 1-4
+
+reads defaults from the dataclass, then the YAML file, then the flags, in that order.
+Field `clip_frames` is flag `--clip-frames`; a field's `metadata={"help": ...}` is its help
+text; `metadata={"flag": "fps"}` renames the flag. Unknown YAML keys are an error, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or flag that does not fit the job's config dataclass."""
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str = "value") -> Any:
+    """Convert a YAML value or a flag string to the annotated type."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or value is None:
+            return None
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str):
+            return tp(value)
+        if origin in (tuple, list):
+            args = typing.get_args(tp)
+            if isinstance(value, str):
+                # "1-4" and "1,4" both mean a pair; a leading '-' is a sign, not a separator.
+                sep = "," if "," in value or value.count("-") != 1 or value.startswith("-") else "-"
+                value = [v.strip() for v in value.split(sep) if v.strip()]
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise ValueError(f"expected {len(args)} items, got {len(value)}")
+                return tuple(coerce(v, a, name) for v, a in zip(value, args))
+            inner = args[0] if args else str
+            items = [coerce(v, inner, name) for v in value]
+            return tuple(items) if origin is tuple else items
+        if origin is dict or tp is dict:
+            return dict(value)
+        if tp is Any:
+            return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: cannot read {value!r} as {tp}: {e}") from None
+    raise ConfigError(f"{name}: unsupported config type {tp}")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], base: C | None = None) -> C:
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (known: {', '.join(fields)})")
+    values = dataclasses.asdict(base) if base is not None else {}
+    for k, v in data.items():
+        values[k] = coerce(v, fields[k].type, k)
+    obj = cls(**values) if base is None else dataclasses.replace(base, **{k: values[k] for k in data})
+    return obj
+
+
+def load_yaml(cls: type[C], path: str | Path) -> C:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields")
+    return config_from_dict(cls, data)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("--config", help="YAML file with config fields; flags override it")
+    for f in _fields(cls).values():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        tp, _ = _unwrap_optional(f.type)
+        if tp is bool:
+            parser.add_argument(_flag(f), dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {shown})")
+            parser.add_argument("--no-" + _flag(f)[2:], dest=f.name, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(_flag(f), dest=f.name, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {shown})")
+    return parser
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: str | None = None) -> C:
+    """Defaults < YAML (`--config`) < flags. Required fields (no default) must come from one of them."""
+    parser = build_parser(cls, description)
+    ns = vars(parser.parse_args(argv))
+    path = ns.pop("config", None)
+    data: dict[str, Any] = {}
+    if path:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields")
+        data.update(raw)
+    data.update(ns)
+    missing = [f.name for f in _fields(cls).values()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in data]
+    if missing:
+        parser.error("missing required: " + ", ".join(_flag(_fields(cls)[m]) for m in missing))
+    try:
+        return config_from_dict(cls, data)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-safe dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able object or config dataclass."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,50 @@
+"""Typed errors for bad inputs. Jobs catch `VideoError` per video, record it as a row of
+`errors.parquet` (uri, stage, type, message) and go on; anything else is a bug and fails loudly."""
+
+from __future__ import annotations
+
+
+class VideoError(Exception):
+    """A video that cannot be used. `uri` names the input; `stage` says where it failed."""
+
+    stage = "decode"
+
+    def __init__(self, uri: str, message: str):
+        self.uri = str(uri)
+        self.message = message
+        super().__init__(f"{uri}: {message}")
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (type(self), (self.uri, self.message))
+
+
+class InputNotFoundError(VideoError):
+    """Missing or unreadable input (no such file, permission denied, no such S3 key)."""
+
+    stage = "open"
+
+
+class NotAVideoError(VideoError):
+    """The input is readable but no container ffmpeg knows."""
+
+    stage = "probe"
+
+
+class NoVideoStreamError(VideoError):
+    """A valid container without any video stream (audio-only, subtitles...)."""
+
+    stage = "probe"
+
+
+class CorruptVideoError(VideoError):
+    """Corrupt or truncated stream: decoding failed or returned fewer frames than the plan needs."""
+
+
+class DecodeTimeoutError(VideoError):
+    """Probe or decode exceeded its time limit; the ffmpeg process was killed."""
+
+
+class TooShortError(VideoError):
+    """Shorter than one clip while padding is off: not an error of the file, recorded all the same."""
+
+    stage = "plan"
