@@ -1,0 +1,181 @@
+"""The store layout without Ray: writer, commits, resume bookkeeping, finalise, official readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import zarr
+
+from pipeline import store as st
+
+T, S, N, D = 4, 32, 8, 16
+
+
+def schema(dtype="float16", encoding="jpg", formats=("webdataset", "zarr"), method="wap"):
+    return st.make_schema(
+        teacher={"name_or_path": "tiny", "revision": None, "layer": -1, "head": None, "dim": D, "grid": [4, 4]},
+        compression={"method": method, "factors": [2, 2, 2]},
+        clip={"frames": T, "views": 1, "fps_range": [1.0, 4.0]},
+        frames={"encoding": encoding, "size": [S, S], "quality": 90},
+        target={"tokens": N, "grid": [2, 2, 2], "dim": D, "dtype": dtype},
+        formats=formats)
+
+
+def clips(n_videos=3, per_video=5, dtype="float16", seed=0):
+    rng = np.random.default_rng(seed)
+    for v in range(n_videos):
+        for c in range(per_video):
+            target = rng.normal(2.0, 3.0, size=(N, D)).astype(np.float32)
+            yield {"clip_id": f"vid{v}-v0-c{c:05d}", "video_id": f"vid{v}", "video_uri": f"/data/vid{v}.mp4",
+                   "view": 0, "clip_index": c, "fps": 2.0, "start": c * 2.0,
+                   "timestamps": [c * 2.0 + i * 0.5 for i in range(T)], "crop_box": [0, 0, 64, 64],
+                   "padded": 0, "video_clips": per_video,
+                   "frames": rng.integers(0, 255, size=(T, S, S, 3), dtype=np.uint8),
+                   "target": st.encode_target(target, dtype), "_float": target}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_target_roundtrip(dtype):
+    x = np.random.default_rng(1).normal(size=(50, 7)).astype(np.float32) * 10
+    y = st.decode_target(st.encode_target(x, dtype), dtype)
+    assert y.dtype == np.float32
+    tol = 1e-3 if dtype == "float16" else 8e-3
+    np.testing.assert_allclose(y, x, rtol=tol, atol=1e-3)
+    assert st.encode_target(x, dtype).dtype == (np.float16 if dtype == "float16" else np.uint16)
+
+
+@pytest.mark.parametrize("encoding", ["jpg", "png", "npy"])
+def test_frame_roundtrip(encoding):
+    frame = np.zeros((S, S, 3), np.uint8)
+    frame[:, : S // 2] = (200, 30, 90)
+    out = st.decode_frame(st.encode_frame(frame, encoding, 95), encoding)
+    assert out.shape == frame.shape
+    err = np.abs(out.astype(int) - frame)
+    if encoding == "jpg":
+        assert err.mean() < 3
+    else:
+        assert err.max() == 0
+
+
+def test_write_and_read_with_official_readers(tmp_path):
+    root = str(tmp_path / "store")
+    data = list(clips())
+    errors = [{"video_uri": "/data/bad.mp4", "stage": "probe", "error_type": "NotAVideoError", "message": "x"}]
+    store = st.write_store(root, schema(), data, errors, shard_bytes=40_000)
+    assert store.index.num_rows == 15
+    assert len(store.shards()) > 1, "shard_bytes should have rolled shards"
+    assert sorted(store.index.column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
+    assert store.errors.to_pylist() == errors
+    by_id = {c["clip_id"]: c for c in data}
+
+    # webdataset: every clip exactly once, frames + target + json under one key
+    seen = []
+    for sample in wds.WebDataset(store.shard_urls("webdataset"), shardshuffle=False):
+        key = sample["__key__"]
+        seen.append(key)
+        target = np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False)
+        assert target.shape == (N, D) and target.dtype == np.float16
+        np.testing.assert_array_equal(target, by_id[key]["target"])
+        meta = json.loads(sample["json"])
+        assert meta["clip_id"] == key and meta["target_dtype"] == "float16"
+        frame = st.decode_frame(sample["f03.jpg"], "jpg")
+        assert frame.shape == (S, S, 3)
+    assert sorted(seen) == sorted(by_id)
+
+    # zarr: the row of the index points at the clip in its shard group
+    for row in store.index.to_pylist():
+        group = zarr.open_group(os.path.join(root, "zarr", row["shard"]), mode="r")
+        assert group["clip_id"][row["row"]] == row["clip_id"]
+        np.testing.assert_array_equal(group["frames"][row["row"]], by_id[row["clip_id"]]["frames"])
+        np.testing.assert_array_equal(group["targets"][row["row"]], by_id[row["clip_id"]]["target"])
+        assert group["targets"].chunks[0] == 1 and group["targets"].shards is not None  # one chunk per clip
+
+    # target stats: of the stored (float16) values
+    stored = np.concatenate([st.decode_target(c["target"], "float16") for c in data])
+    stats = store.schema["target_stats"]
+    np.testing.assert_allclose(stats["mean"], stored.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats["std"], stored.std(0), rtol=1e-5)
+    assert stats["count"] == 15 * N
+
+
+def test_bfloat16_zarr_only(tmp_path):
+    root = str(tmp_path / "s")
+    data = list(clips(1, 3, dtype="bfloat16"))
+    store = st.write_store(root, schema(dtype="bfloat16", formats=["zarr"]), data)
+    assert not (tmp_path / "s" / "webdataset").exists()
+    with pytest.raises(st.StoreError):
+        store.shard_urls("webdataset")
+    group = store.zarr_group(store.shards()[0])
+    assert group["targets"].dtype == np.uint16 and group["targets"].attrs["dtype"] == "bfloat16"
+    got = store.decode_target(group["targets"][:])
+    np.testing.assert_allclose(got, np.stack([c["_float"] for c in data]), rtol=8e-3, atol=1e-2)
+
+
+def test_open_incomplete_store_fails(tmp_path):
+    writer = st.StoreWriter(str(tmp_path), schema())
+    writer.prepare()
+    with pytest.raises(st.StoreError, match="not a complete store"):
+        st.open_store(str(tmp_path))
+
+
+def test_mismatch_is_a_clear_error(tmp_path):
+    st.write_store(str(tmp_path), schema(), clips(1, 1))
+    with pytest.raises(st.StoreMismatchError, match="compression"):
+        st.StoreWriter(str(tmp_path), schema(method="avg")).prepare()
+    st.StoreWriter(str(tmp_path), schema()).prepare()   # same config: fine
+
+
+def test_commits_drive_resume_and_leftovers_are_removed(tmp_path):
+    writer = st.StoreWriter(str(tmp_path), schema())
+    assert writer.prepare().clips == {}
+    data = list(clips(2, 3))
+    shard = writer.shard_writer()
+    for c in data[:4]:              # video 0 complete, video 1 one clip of three
+        shard.add(c)
+    shard.commit()
+    writer.commit_errors([{"video_uri": "/data/bad.mp4", "stage": "probe", "error_type": "E", "message": "m"}])
+    # a crashed writer: published data but no commit record, plus a staging folder
+    crashed = writer.shard_writer()
+    crashed.add(data[4])
+    crashed._tar.close()
+    crashed._tar = None
+    os.makedirs(tmp_path / "webdataset", exist_ok=True)
+    os.replace(os.path.join(crashed.dir, "shard.tar"), tmp_path / "webdataset" / "shard-orphan.tar")
+
+    progress = st.StoreWriter(str(tmp_path), schema()).prepare()
+    assert progress.complete == {"/data/vid0.mp4"}
+    assert progress.failed == {"/data/bad.mp4"}
+    assert progress.clips["/data/vid1.mp4"] == {"vid1-v0-c00000"}
+    assert progress.done("/data/vid0.mp4") and not progress.done("/data/vid1.mp4")
+    assert not (tmp_path / "webdataset" / "shard-orphan.tar").exists()
+    assert not (tmp_path / "_tmp").exists()
+
+    # the same clips again make the same shard name: a retried writer overwrites, never duplicates
+    again = writer.shard_writer()
+    for c in data[:4]:
+        again.add(c)
+    again.commit()
+    assert len(writer.read_commits()) == 2
+    writer.finalise()
+    index = pq.read_table(tmp_path / "index.parquet")
+    assert index.num_rows == 4
+
+
+def test_shape_and_finiteness_are_checked(tmp_path):
+    writer = st.StoreWriter(str(tmp_path), schema())
+    writer.prepare()
+    shard = writer.shard_writer()
+    clip = next(clips(1, 1))
+    with pytest.raises(st.StoreError, match="expects"):
+        shard.add({**clip, "target": clip["target"][:-1]})
+    bad = clip["target"].copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(st.StoreError, match="non-finite"):
+        shard.add({**clip, "target": bad})
+    shard.abort()
