@@ -1,0 +1,355 @@
+"""The teacher: a pretrained HF vision backbone whose patch tokens the student learns to predict.
+
+`Teacher.from_pretrained(name_or_path)` accepts a standalone vision model (SigLIP/CLIP vision,
+DINOv2 with or without registers, ViT, InternVL's vision model) or a whole VLM checkpoint
+(InternVL, LLaVA-style: vision tower + projector + LLM). For a VLM only the vision tower (and
+the projector, for `head="projector"`) is built from the config and filled from the safetensors
+by key prefix, so an 8B checkpoint costs the 300M of its vision tower, not 8B.
+
+`encode` takes uint8 frames and returns the patch-token grid of every frame, float32, with
+CLS/register tokens dropped. Blocks after the chosen layer are removed rather than computed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing
+
+log = logging.getLogger(__name__)
+
+HEADS = ("none", "projector")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS = "model.safetensors"
+
+
+class TeacherError(ValueError):
+    """A teacher checkpoint or option that cannot give patch-token targets."""
+
+
+class Teacher(nn.Module):
+    """Frozen vision backbone (+ optional VLM projector) -> per-frame patch-token grids."""
+
+    def __init__(self, backbone: nn.Module, *, preprocessing: Preprocessing, patch_size: int, layer: int,
+                 num_layers: int, head: str = "none", projector: nn.Module | None = None,
+                 downsample_ratio: float = 1.0, dim: int, name_or_path: str = "", revision: str | None = None,
+                 family: str = "", batch_size: int = 256, interpolate_pos_encoding: bool = False):
+        super().__init__()
+        if head not in HEADS:
+            raise TeacherError(f"head must be one of {HEADS}, got {head!r}")
+        h, w = preprocessing.size
+        if h % patch_size or w % patch_size:
+            raise TeacherError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.projector = projector.eval().requires_grad_(False) if projector is not None else None
+        self.preprocessing = preprocessing
+        self.patch_size = patch_size
+        self.layer = layer
+        self.num_layers = num_layers
+        self.head = head
+        self.downsample_ratio = downsample_ratio
+        self.name_or_path = name_or_path
+        self.revision = revision
+        self.family = family
+        self.batch_size = batch_size
+        self.patch_grid = (h // patch_size, w // patch_size)
+        scale = downsample_ratio if head == "projector" else 1.0
+        self.grid = (int(self.patch_grid[0] * scale), int(self.patch_grid[1] * scale))
+        self.dim = dim
+        self._forward_kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+        self._captured: torch.Tensor | None = None
+        self._tokens_fn = self._tokens
+        if layer != -1:
+            # Intermediate layers: the model was truncated after this block; take the block's own
+            # output (HF's hidden_states[layer]), not the final norm the model would apply on top.
+            self._layers()[-1].register_forward_hook(self._capture)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, layer: int = -1, head: str = "none",
+                        revision: str | None = None, device: torch.device | str | None = None,
+                        dtype: torch.dtype | str | None = None, image_size: int | None = None,
+                        image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
+                        attn_implementation: str = "sdpa", batch_size: int = 256,
+                        compile: bool = False) -> "Teacher":
+        """Load a teacher; see the module docstring for what checkpoints are accepted.
+
+        layer: HF `hidden_states` index — 1..L is the output of that block, -1 the model's
+            `last_hidden_state` (with its final norm, as VLMs feed their projector), -k counts back.
+        head: "none" (backbone tokens) or "projector" (InternVL pixel shuffle + MLP projector, so
+            targets live in the LLM's input space).
+        image_size/image_mean/image_std override preprocessor_config.json.
+        """
+        from transformers import AutoConfig, AutoModel
+
+        name_or_path = str(name_or_path)
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _dtype(dtype, device)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        vision_config = getattr(config, "vision_config", None)
+        composite = vision_config is not None
+        vision_config = vision_config if composite else config
+        if head == "projector" and not hasattr(config, "downsample_ratio"):
+            raise TeacherError(f"head='projector' needs an InternVL-style VLM checkpoint (pixel shuffle + "
+                               f"multi_modal_projector); {name_or_path} is model_type {config.model_type!r}")
+        if head not in HEADS:
+            raise TeacherError(f"head must be one of {HEADS}, got {head!r}")
+
+        num_layers = int(vision_config.num_hidden_layers)
+        keep = _blocks_to_keep(layer, num_layers)
+        if keep == 0:
+            raise TeacherError("layer 0 is the patch embedding, not a transformer block; choose layer >= 1")
+        if composite:
+            backbone = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
+        else:
+            backbone = AutoModel.from_pretrained(name_or_path, revision=revision,
+                                                 attn_implementation=attn_implementation)
+        if keep < num_layers:
+            _truncate_blocks(backbone, num_layers, keep)
+
+        projector = None
+        dim = int(vision_config.hidden_size)
+        ratio = 1.0
+        if head == "projector":
+            from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+            projector = InternVLMultiModalProjector(config)
+            ratio = float(config.downsample_ratio)
+            dim = int(config.text_config.hidden_size)
+            if layer != getattr(config, "vision_feature_layer", -1):
+                log.warning("teacher layer %d differs from the layer the projector was trained on (%s)",
+                            layer, getattr(config, "vision_feature_layer", -1))
+        if composite:
+            checkpoint = _Checkpoint(name_or_path, revision)
+            checkpoint.load_into(backbone, hint="vision")
+            if projector is not None:
+                checkpoint.load_into(projector, hint="multi_modal_projector")
+
+        patch_size = _first(vision_config.patch_size)
+        native = _first(getattr(vision_config, "image_size", 0) or 0)
+        pre_dir = _local_file(name_or_path, PREPROCESSOR_CONFIG, revision)
+        preprocessing = Preprocessing.from_pretrained(
+            pre_dir.parent if pre_dir is not None else None, default_size=native or None,
+            size=image_size, image_mean=image_mean, image_std=image_std)
+        if preprocessing.size[0] != preprocessing.size[1]:
+            raise TeacherError(f"teacher input must be square, preprocessing says {preprocessing.size}; "
+                               f"pass image_size")
+        interpolate = preprocessing.size[0] != native and _accepts(backbone, "interpolate_pos_encoding")
+        teacher = cls(backbone, preprocessing=preprocessing, patch_size=patch_size, layer=layer,
+                      num_layers=num_layers, head=head, projector=projector, downsample_ratio=ratio, dim=dim,
+                      name_or_path=name_or_path, revision=revision or _snapshot_revision(pre_dir),
+                      family=str(vision_config.model_type), batch_size=batch_size,
+                      interpolate_pos_encoding=interpolate)
+        teacher = teacher.to(device=device, dtype=dtype)
+        if compile:
+            teacher.compile_tokens()
+        return teacher
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.size[0]
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.preprocessing.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.preprocessing.image_std
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the targets (for store.json and config-mismatch checks)."""
+        return {"name_or_path": self.name_or_path, "revision": self.revision, "layer": self.layer,
+                "head": self.head, "dim": self.dim, "grid": list(self.grid), "family": self.family,
+                "dtype": str(self.dtype).removeprefix("torch."), "image_size": self.image_size,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "patch_size": self.patch_size, "num_layers": self.num_layers}
+
+    # -- compute --------------------------------------------------------------------------------
+    def compile_tokens(self, **kwargs: Any) -> None:
+        """torch.compile the per-batch token function (fuses norms, GELU, layer scale, casts)."""
+        self._tokens_fn = torch.compile(self._tokens, **kwargs)
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] frames at `image_size` -> float32 [B, T, h, w, D] on the teacher's device.
+
+        All B*T frames go through the backbone as one image batch, in chunks of `batch_size`.
+        """
+        x = torch.as_tensor(frames)
+        if x.ndim != 5 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames [B, T, H, W, 3], got shape {tuple(x.shape)}")
+        if x.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 frames, got {x.dtype}")
+        b, t = x.shape[:2]
+        pixels = self.preprocessing.to_pixel_values(x.reshape(b * t, *x.shape[2:]), device=self.device,
+                                                    dtype=self.dtype)
+        out = [self._tokens_fn(chunk) for chunk in pixels.split(self.batch_size)]
+        tokens = out[0] if len(out) == 1 else torch.cat(out)
+        return tokens.view(b, t, *self.grid, self.dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised [N, 3, H, W] -> float32 [N, h, w, D]."""
+        return self._tokens_fn(pixel_values)
+
+    def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(pixel_values=pixel_values, **self._forward_kwargs)
+        if self.layer == -1:
+            hidden = out.last_hidden_state
+        else:
+            hidden, self._captured = self._captured, None
+        gh, gw = self.patch_grid
+        n = hidden.shape[0]
+        # CLS and register tokens come first in every supported family; patches are the tail.
+        hidden = hidden[:, hidden.shape[1] - gh * gw:].reshape(n, gh, gw, hidden.shape[-1])
+        if self.projector is not None:
+            from transformers.models.internvl.modeling_internvl import InternVLModel
+
+            hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=self.downsample_ratio)
+            hidden = self.projector(hidden)
+        return hidden.float()
+
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._captured = output[0] if isinstance(output, (tuple, list)) else output
+
+    def _layers(self) -> nn.ModuleList:
+        return _find_blocks(self.backbone)[1]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise TeacherError(f"unknown dtype {dtype!r}")
+    return dtype
+
+
+def _first(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _blocks_to_keep(layer: int, num_layers: int) -> int:
+    if layer == -1:
+        return num_layers
+    index = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= index <= num_layers:
+        raise TeacherError(f"layer {layer} out of range for a {num_layers}-layer backbone")
+    return index
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer block list: the largest ModuleList (by parameters) in the backbone."""
+    best = max(((name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)),
+               key=lambda nm: sum(p.numel() for p in nm[1].parameters()), default=None)
+    if best is None:
+        raise TeacherError(f"{type(model).__name__} has no list of transformer blocks")
+    return best
+
+
+def _truncate_blocks(model: nn.Module, num_layers: int, keep: int) -> None:
+    name, blocks = _find_blocks(model)
+    if len(blocks) != num_layers:
+        raise TeacherError(f"{type(model).__name__}.{name} has {len(blocks)} blocks, config says {num_layers}")
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.ModuleList(list(blocks)[:keep]))
+    model.config.num_hidden_layers = keep
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    import inspect
+
+    return arg in inspect.signature(model.forward).parameters
+
+
+def _local_file(name_or_path: str, filename: str, revision: str | None) -> Path | None:
+    """A model file as a local path: from the dir, or from the hub cache (downloading it); None if absent."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name_or_path, filename, revision=revision))
+    except EntryNotFoundError:
+        return None
+
+
+def _snapshot_revision(path: Path | None) -> str | None:
+    """The commit hash of a hub-cache snapshot path (…/snapshots/<sha>/file), else None."""
+    match = re.search(r"/snapshots/([0-9a-f]{40})/", str(path)) if path is not None else None
+    return match.group(1) if match else None
+
+
+class _Checkpoint:
+    """Tensor-level access to a (possibly sharded) safetensors checkpoint, reading only what is asked."""
+
+    def __init__(self, name_or_path: str, revision: str | None):
+        self.name_or_path, self.revision = name_or_path, revision
+        index = _local_file(name_or_path, SAFETENSORS_INDEX, revision)
+        if index is not None:
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            single = _local_file(name_or_path, SAFETENSORS, revision)
+            if single is None:
+                raise TeacherError(f"{name_or_path}: no {SAFETENSORS} or {SAFETENSORS_INDEX}; loading part of a "
+                                   f"VLM needs safetensors weights")
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.weight_map = {k: SAFETENSORS for k in f.keys()}
+
+    def _prefix(self, wanted: list[str], hint: str) -> str:
+        """The key prefix under which the checkpoint stores `wanted` (e.g. 'model.vision_tower.')."""
+        anchor = max(wanted, key=len)
+        candidates = {k[: len(k) - len(anchor)] for k in self.weight_map
+                      if k.endswith(anchor) and (len(k) == len(anchor) or k[-len(anchor) - 1] == ".")}
+
+        def score(prefix: str) -> tuple[int, bool, int]:
+            return sum(prefix + k in self.weight_map for k in wanted), hint in prefix, -len(prefix)
+
+        best = max(candidates, key=score, default=None)
+        if best is None or score(best)[0] < len(wanted):
+            found = score(best)[0] if best is not None else 0
+            missing = [k for k in wanted if (best or "") + k not in self.weight_map][:5]
+            raise TeacherError(f"{self.name_or_path}: checkpoint lacks {len(wanted) - found} of the {len(wanted)} "
+                               f"{hint} weights (e.g. {missing})")
+        return best
+
+    def load_into(self, module: nn.Module, hint: str) -> None:
+        from safetensors import safe_open
+
+        wanted = list(module.state_dict())
+        prefix = self._prefix(wanted, hint)
+        by_file: dict[str, list[str]] = {}
+        for k in wanted:
+            by_file.setdefault(self.weight_map[prefix + k], []).append(k)
+        state: dict[str, torch.Tensor] = {}
+        for filename, keys in by_file.items():
+            path = _local_file(self.name_or_path, filename, self.revision)
+            with safe_open(str(path), framework="pt") as f:
+                for k in keys:
+                    state[k] = f.get_tensor(prefix + k)
+        module.load_state_dict(state, strict=True)
