@@ -1,0 +1,244 @@
+"""Fine-tuning data for the Video LLM: JSONL records, uniform frame sampling, and tokenisation
+with the LLM's own chat template, visual slots and answer-only labels.
+
+Visual tokens are never added to the vocabulary (that would need new embedding rows that LoRA
+does not train): the prompt keeps a text placeholder, which is cut out of the rendered chat
+text and replaced by slots that `lma.modeling.VideoLLM` fills through `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+VIDEO_PLACEHOLDER = "<video>"
+TIME_MARKER = "<t={:.1f}s>"
+IGNORE_INDEX = -100
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+          "system": "system"}
+
+
+class RecordError(ValueError):
+    """A JSONL line that is not a usable training record; `line` is 1-based."""
+
+    def __init__(self, line: int, message: str, video: str | None = None):
+        self.line, self.message, self.video = line, message, video
+        super().__init__(f"line {line}: {message}")
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    line: int                                 # 1-based line in the JSONL file, for error reports
+    video: str                                # local path or URL, resolved against the file's folder
+    messages: tuple[dict[str, str], ...]      # {"role", "content"}, exactly one VIDEO_PLACEHOLDER
+
+
+@dataclass
+class Example:
+    """One tokenised conversation. `visual_mask` marks the slots for visual tokens (their
+    `input_ids` hold the pad id and are never looked up)."""
+
+    input_ids: torch.Tensor      # long [L]
+    labels: torch.Tensor         # long [L], IGNORE_INDEX outside answers
+    visual_mask: torch.Tensor    # bool [L]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _content_text(content: Any, placeholder: str) -> str:
+    """OpenAI-style content: a string, or a list of parts where a video part becomes the placeholder."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind in ("video", "video_url"):
+                parts.append(placeholder)
+            else:
+                raise ValueError(f"unsupported content part {part!r}")
+        return "".join(parts)
+    raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def parse_record(obj: Any, line: int, base: str = "", placeholder: str = VIDEO_PLACEHOLDER) -> VideoRecord:
+    """Validate one LLaVA-style (`conversations`) or OpenAI-style (`messages`) record."""
+    if not isinstance(obj, dict):
+        raise RecordError(line, f"expected a JSON object, got {type(obj).__name__}")
+    video = obj.get("video")
+    if not isinstance(video, str) or not video.strip():
+        raise RecordError(line, "missing 'video' (a path or URL)")
+    video = resolve_video(video.strip(), base)
+    if "conversations" in obj:
+        turns, role_key, text_key = obj["conversations"], "from", "value"
+    elif "messages" in obj:
+        turns, role_key, text_key = obj["messages"], "role", "content"
+    else:
+        raise RecordError(line, "expected 'conversations' (LLaVA) or 'messages' (OpenAI)", video)
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(line, "conversation must be a non-empty list", video)
+    messages = []
+    try:
+        for turn in turns:
+            role = _ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+            if role is None:
+                raise ValueError(f"turn {turn!r} has no known {role_key!r}")
+            messages.append({"role": role, "content": _content_text(turn.get(text_key), placeholder)})
+    except (ValueError, AttributeError) as e:
+        raise RecordError(line, str(e), video) from None
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise RecordError(line, "no assistant answer to learn from", video)
+    count = sum(m["content"].count(placeholder) for m in messages)
+    if count > 1:
+        raise RecordError(line, f"{count} {placeholder} placeholders; one video per record", video)
+    if count == 0:
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise RecordError(line, "no user turn to hold the video", video)
+        first["content"] = f"{placeholder}\n{first['content']}"
+    elif not any(placeholder in m["content"] for m in messages if m["role"] == "user"):
+        raise RecordError(line, f"{placeholder} must be in a user turn", video)
+    return VideoRecord(line=line, video=video, messages=tuple(messages))
+
+
+def resolve_video(video: str, base: str) -> str:
+    """Relative video paths are relative to the JSONL file's folder (local or remote)."""
+    if "://" in video or video.startswith("/") or not base:
+        return video
+    return posixpath.join(base, video)
+
+
+def read_records(uri: str, placeholder: str = VIDEO_PLACEHOLDER) -> tuple[list[VideoRecord], list[RecordError]]:
+    """All usable records of a JSONL file (local or any fsspec URL), and one error per bad line."""
+    base = posixpath.dirname(uri)
+    with fsspec.open(uri, "rt", encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    records, errors = [], []
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(RecordError(n, f"not JSON: {e}"))
+            continue
+        try:
+            records.append(parse_record(obj, n, base, placeholder))
+        except RecordError as e:
+            errors.append(e)
+    return records, errors
+
+
+def sample_timestamps(duration: float, frames: int, available: int | None = None) -> list[float]:
+    """`frames` timestamps at the centres of equal segments: uniform coverage of the whole video,
+    never more frames than the video has (repeated frames only cost tokens)."""
+    n = max(1, min(frames, available) if available else frames)
+    return [(i + 0.5) * duration / n for i in range(n)]
+
+
+def load_frames(uri: str, frames: int, size: int, timeout: float | None = None):
+    """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
+    Raises `pipeline.errors.VideoError` subclasses for unusable videos."""
+    from pipeline.video import decode_frames, probe
+
+    info = probe(uri, timeout=timeout or 30.0)
+    available = info.num_frames or int(info.duration * info.avg_fps) or None
+    decoded = decode_frames(uri, sample_timestamps(info.duration, frames, available), size=size,
+                            timeout=timeout, info=info)
+    return decoded.frames, decoded.timestamps
+
+
+def clip_start_times(timestamps: Sequence[float], clip_frames: int) -> list[float]:
+    """Time of the first frame of each clip the student makes (the last clip may be padded)."""
+    return [float(timestamps[i]) for i in range(0, len(timestamps), clip_frames)]
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _segments(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """The rendered chat as (text, is_answer) pieces. Answer spans come from rendering each
+    prefix of the conversation: the text an assistant turn adds to its generation prompt."""
+    full = _render(tokenizer, messages, add_generation_prompt)
+    cuts: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or add_generation_prompt:
+            continue
+        start = len(_render(tokenizer, messages[:i], True))
+        end = len(_render(tokenizer, messages[: i + 1], False))
+        if not full.startswith(_render(tokenizer, messages[: i + 1], False)) or start > end:
+            raise ValueError("chat template is not prefix-stable; cannot locate answer tokens")
+        cuts.append((start, end))
+    pieces, pos = [], 0
+    for start, end in cuts:
+        pieces += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    pieces.append((full[pos:], False))
+    return [p for p in pieces if p[0]]
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[dict], clip_times: Sequence[float],
+                          tokens_per_clip: int, *, add_generation_prompt: bool = False,
+                          placeholder: str = VIDEO_PLACEHOLDER, time_marker: str = TIME_MARKER,
+                          max_length: int | None = None) -> Example:
+    """Chat text → ids with one time marker + `tokens_per_clip` visual slots per clip in place of
+    the placeholder; labels only on the assistant answers (including their end-of-turn token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids: list[int] = []
+    labels: list[int] = []
+    visual: list[bool] = []
+
+    def add_text(text: str, is_answer: bool) -> None:
+        if not text:
+            return
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(tok)
+        labels.extend(tok if is_answer else [IGNORE_INDEX] * len(tok))
+        visual.extend([False] * len(tok))
+
+    for text, is_answer in _segments(tokenizer, messages, add_generation_prompt):
+        before, found, after = text.partition(placeholder) if not is_answer else (text, "", "")
+        add_text(before, is_answer)
+        if found:
+            for t in clip_times:
+                add_text(time_marker.format(t), False)
+                ids.extend([pad] * tokens_per_clip)
+                labels.extend([IGNORE_INDEX] * tokens_per_clip)
+                visual.extend([True] * tokens_per_clip)
+        add_text(after, is_answer)
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"{len(ids)} tokens exceed max_length {max_length}; use fewer frames")
+    return Example(input_ids=torch.tensor(ids, dtype=torch.long),
+                   labels=torch.tensor(labels, dtype=torch.long),
+                   visual_mask=torch.tensor(visual, dtype=torch.bool))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padded positions carry no label and no attention."""
+    length = max(len(e.input_ids) for e in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    visual_mask = torch.zeros((batch, length), dtype=torch.bool)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n], labels[i, :n], visual_mask[i, :n] = e.input_ids, e.labels, e.visual_mask
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "visual_mask": visual_mask,
+            "attention_mask": attention_mask}
+
+
+def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
+    """Sample order as a pure function of (seed, epoch): resuming needs no replay."""
+    return np.random.default_rng([seed, epoch]).permutation(num_records)

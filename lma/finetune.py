@@ -1,0 +1,315 @@
+"""Language Model Adaptation: LoRA fine-tuning of a causal LLM on the student's video tokens.
+
+    python -m lma.finetune --student STUDENT_DIR --llm Qwen/Qwen2.5-7B-Instruct \\
+        --data train.jsonl --output runs/lma [--frames 256] [--grad-accum 128] [--resume]
+
+Bad JSONL lines and unusable videos go to `<output>/skipped.jsonl` with their line number and
+are skipped; the run goes on. Sample order is a pure function of (seed, epoch), so `--resume`
+continues from the last checkpoint exactly (same batches, same dropout masks, same schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import get_cosine_schedule_with_warmup
+
+from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records
+from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM
+from pipeline.config import parse_config, to_dict
+from pipeline.errors import VideoError
+
+log = logging.getLogger("lma.finetune")
+
+# Changing these between a checkpoint and its resume would not continue the same run.
+_RUN_DEFINING = ("student", "llm", "data", "frames", "batch_size", "grad_accum", "lr", "warmup_ratio",
+                 "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "projector",
+                 "train_student", "seed", "max_length")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of an LLM on LiteFrame student tokens."""
+
+    student: str = field(metadata={"help": "student model dir (LiteFrameModel.save_pretrained)"})
+    llm: str = field(metadata={"help": "causal LM name or dir (AutoModelForCausalLM)"})
+    data: str = field(metadata={"help": "JSONL file, local or fsspec URL (s3://...)"})
+    output: str = field(metadata={"help": "output dir: model, checkpoints, metrics, skipped records"})
+    frames: int = field(default=64, metadata={"help": "frames sampled uniformly per video (up to 512)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = epochs over the data"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data when max_steps is 0"})
+    batch_size: int = field(default=1, metadata={"help": "videos per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=4e-5, metadata={"help": "peak learning rate (cosine schedule)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
+    weight_decay: float = 0.0
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS,
+                                          metadata={"help": "LLM modules that get LoRA"})
+    projector: str = field(default="auto", metadata={"help": "auto | mlp | residual"})
+    train_student: bool = field(default=False, metadata={"help": "unfreeze the student"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for LLM memory"})
+    max_length: int | None = field(default=None, metadata={"help": "skip samples longer than this"})
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    decode_timeout: float = field(default=120.0, metadata={"help": "seconds per video decode"})
+    prefetch: int = field(default=2, metadata={"help": "videos decoded ahead in background threads"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output"})
+    merge: bool = field(default=False, metadata={"help": "merge the LoRA adapter into the saved LLM"})
+
+
+class SkipLog:
+    """`skipped.jsonl`: one row per unusable record (line, video, stage, error_type, message),
+    each line once, also across resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines: set[int] = set()
+        if path.exists():
+            self.lines = {json.loads(t)["line"] for t in path.read_text().splitlines() if t.strip()}
+
+    def add(self, line: int, video: str | None, stage: str, error_type: str, message: str) -> None:
+        if line in self.lines:
+            return
+        self.lines.add(line)
+        log.warning("skipping line %d (%s, %s): %s", line, video, error_type, message)
+        row = {"line": line, "video": video, "stage": stage, "error_type": error_type, "message": message}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class Position:
+    """Where the data stream is: the next record to consume is order(epoch)[cursor]."""
+
+    epoch: int = 0
+    cursor: int = 0
+
+
+class VideoStream:
+    """Decoded videos in (seed, epoch) order, skipping and recording unusable ones. Decoding runs
+    `prefetch` records ahead in threads (ffmpeg is a subprocess) so the accelerator is not kept waiting."""
+
+    def __init__(self, records: list[VideoRecord], cfg: FinetuneConfig, image_size, skipped: SkipLog,
+                 start: Position):
+        self.records, self.cfg, self.size, self.skipped = records, cfg, image_size, skipped
+        self.position = Position(start.epoch, start.cursor)
+        self.pool = ThreadPoolExecutor(max(1, cfg.prefetch))
+
+    def _decode(self, record: VideoRecord):
+        size = tuple(self.size) if isinstance(self.size, (list, tuple)) else self.size
+        return load_frames(record.video, self.cfg.frames, size, timeout=self.cfg.decode_timeout)
+
+    def _upcoming(self) -> Iterator[tuple[int, int, VideoRecord]]:
+        epoch, cursor = self.position.epoch, self.position.cursor
+        while True:
+            order = epoch_order(len(self.records), self.cfg.seed, epoch)
+            for i in range(cursor, len(order)):
+                yield epoch, i, self.records[order[i]]
+            epoch, cursor = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[VideoRecord, np.ndarray, np.ndarray]]:
+        pending: deque = deque()
+        upcoming = self._upcoming()
+        # An epoch that starts at record 0 and yields nothing means no record is usable at all.
+        used_in_epoch, epoch, whole = 0, self.position.epoch, self.position.cursor == 0
+        while True:
+            while len(pending) < max(1, self.cfg.prefetch):
+                e, i, rec = next(upcoming)
+                bad = rec.line in self.skipped.lines
+                pending.append((e, i, rec, None if bad else self.pool.submit(self._decode, rec)))
+            e, i, rec, future = pending.popleft()
+            if e != epoch:
+                if whole and used_in_epoch == 0:
+                    raise RuntimeError(f"no record of {self.cfg.data} could be used; see {self.skipped.path}")
+                used_in_epoch, epoch, whole = 0, e, True
+            self.position = Position(e, i + 1) if i + 1 < len(self.records) else Position(e + 1, 0)
+            if future is None:
+                continue
+            try:
+                frames, timestamps = future.result()
+            except VideoError as err:
+                self.skipped.add(rec.line, rec.video, err.stage, type(err).__name__, err.message)
+                continue
+            used_in_epoch += 1
+            yield rec, frames, timestamps
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    root = output / "checkpoints"
+    done = [p for p in root.glob("step-*") if (p / "state.json").exists()] if root.exists() else []
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output: Path, model: VideoLLM, opt, sched, step: int, position: Position,
+                    cfg: FinetuneConfig) -> Path:
+    """Write to a temp dir then rename: a checkpoint exists only once complete."""
+    root = output / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model.trainable_state_dict(), tmp / "trainable.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
+               tmp / "trainer_state.pt")
+    state = {"step": step, "epoch": position.epoch, "cursor": position.cursor, "config": to_dict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoints(output)[: -max(1, cfg.keep_checkpoints)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tuple[int, Position]:
+    state = json.loads((path / "state.json").read_text())
+    now = to_dict(cfg)
+    changed = [k for k in _RUN_DEFINING if state["config"].get(k) != now.get(k)]
+    if changed:
+        raise SystemExit(f"--resume: {', '.join(changed)} differ from checkpoint {path}; "
+                         "use a new --output for a different run")
+    model.load_trainable_state_dict(load_file(path / "trainable.safetensors"))
+    trainer = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["cpu"])
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+    return state["step"], Position(state["epoch"], state["cursor"])
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metric rows written after the checkpoint (they are re-done)."""
+    if path.exists():
+        rows = [t for t in path.read_text().splitlines() if t.strip() and json.loads(t)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def _examples(model: VideoLLM, stream: Iterator, cfg: FinetuneConfig, skipped: SkipLog):
+    """(example, frames) pairs; a conversation that cannot be tokenised is skipped like a bad video."""
+    for rec, frames, timestamps in stream:
+        try:
+            example = model.prompt(rec.messages, timestamps, max_length=cfg.max_length)
+        except ValueError as err:
+            skipped.add(rec.line, rec.video, "tokenize", type(err).__name__, str(err))
+            continue
+        yield example, frames
+
+
+def _micro_batch(model: VideoLLM, items: list[tuple[Example, np.ndarray]]) -> dict:
+    batch = collate([ex for ex, _ in items], model.tokenizer.pad_token_id or 0)
+    batch["visual"] = torch.cat([model.visual_embeds(frames).flatten(0, 1) for _, frames in items])
+    return batch
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    skipped = SkipLog(output / "skipped.jsonl")
+    records, errors = read_records(cfg.data)
+    for err in errors:
+        skipped.add(err.line, err.video, "parse", type(err).__name__, err.message)
+    if not records:
+        raise SystemExit(f"{cfg.data}: no usable record ({len(errors)} skipped, see {skipped.path})")
+    log.info("%d records, %d malformed lines skipped", len(records), len(errors))
+
+    model = VideoLLM.build(cfg.student, cfg.llm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                           lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
+                           projector=cfg.projector, train_student=cfg.train_student, frames=cfg.frames,
+                           device=device)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps or math.ceil(cfg.epochs * len(records) / per_step)
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+
+    step, start = 0, Position()
+    done = _checkpoints(output)
+    if cfg.resume and done:
+        step, start = load_checkpoint(done[-1], model, opt, sched, cfg)
+        log.info("resumed from %s (step %d)", done[-1], step)
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s, starting fresh", output)
+    metrics = output / "metrics.jsonl"
+    _trim_metrics(metrics, step)
+    (output / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    stream = VideoStream(records, cfg, model.config.image_size, skipped, start)
+    examples = _examples(model, iter(stream), cfg, skipped)
+    model.train()
+    t0, samples = time.perf_counter(), 0
+    try:
+        while step < total:
+            opt.zero_grad(set_to_none=True)
+            loss_sum, visual_tokens, text_tokens = 0.0, 0, 0
+            for _ in range(cfg.grad_accum):
+                batch = _micro_batch(model, [next(examples) for _ in range(cfg.batch_size)])
+                out = model(**batch)
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += float(out.loss.detach())
+                visual_tokens += int(batch["visual_mask"].sum())
+                text_tokens += int(batch["attention_mask"].sum()) - int(batch["visual_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            samples += per_step
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "epoch": stream.position.epoch, "loss": loss_sum / cfg.grad_accum,
+                   "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "samples": samples,
+                   "visual_tokens": visual_tokens, "text_tokens": text_tokens,
+                   "skipped": len(skipped.lines), "elapsed_s": round(elapsed, 3),
+                   "samples_per_s": round(samples / elapsed, 4)}
+            with metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("step %d/%d loss %.4f lr %.2e", step, total, row["loss"], row["lr"])
+            if step % cfg.save_every == 0 or step == total:
+                save_checkpoint(output, model, opt, sched, step, stream.position, cfg)
+    finally:
+        stream.close()
+    model.save_pretrained(output, merge=cfg.merge)
+    log.info("saved %s (%s)", output, "merged LLM" if cfg.merge else "LoRA adapter")
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    finetune(parse_config(FinetuneConfig, argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
