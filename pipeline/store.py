@@ -129,6 +129,11 @@ def decode_frame(data: bytes, encoding: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def frame_column(i: int) -> str:
+    """Name of frame i as a batch column and as the webdataset extension prefix: f00, f01, ..."""
+    return f"f{i:02d}"
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
@@ -464,16 +469,29 @@ class ShardWriter:
         return len(self.rows)
 
     def add(self, clip: Mapping[str, Any]) -> None:
-        """One clip: the index fields plus `frames` uint8 [T,H,W,3] and `target` [N,D] (stored dtype)."""
+        """One clip: the index fields, the target [N,D] (stored dtype) and its frames, either raw
+        (`frames` uint8 [T,H,W,3]) or already encoded (`f00`, `f01`, ... bytes, see frame_column).
+
+        Zarr gets the decoded pixels of the encoded frames, so both formats give the student
+        exactly the same input (lossless with encoding png/npy)."""
         frames_spec, target_spec = self.schema["frames"], self.schema["target"]
-        frames = np.asarray(clip["frames"], dtype=np.uint8)
+        encoding = frames_spec["encoding"]
+        n_frames = int(self.schema["clip"]["frames"])
+        expect_frames = (n_frames, *frames_spec["size"], 3)
+        if "frames" in clip:
+            raw = np.asarray(clip["frames"])
+            if raw.shape != expect_frames or raw.dtype != np.uint8:
+                raise StoreError(f"clip {clip['clip_id']}: frames {raw.shape} {raw.dtype}, "
+                                 f"store expects {expect_frames} uint8")
+            members = [encode_frame(f, encoding, int(frames_spec.get("quality", 90))) for f in raw]
+        else:
+            members = [bytes(clip[frame_column(i)]) for i in range(n_frames)]
         target = np.asarray(clip["target"])
-        expect_frames = (int(self.schema["clip"]["frames"]), *frames_spec["size"], 3)
         expect_target = (int(target_spec["tokens"]), int(target_spec["dim"]))
         stored = np.float16 if target_spec["dtype"] == "float16" else np.uint16
-        if frames.shape != expect_frames or target.shape != expect_target or target.dtype != stored:
-            raise StoreError(f"clip {clip['clip_id']}: frames {frames.shape} target {target.shape} {target.dtype}, "
-                             f"store expects {expect_frames} and {expect_target} {np.dtype(stored)}")
+        if len(members) != n_frames or target.shape != expect_target or target.dtype != stored:
+            raise StoreError(f"clip {clip['clip_id']}: {len(members)} frames, target {target.shape} {target.dtype}; "
+                             f"store expects {n_frames} frames and {expect_target} {np.dtype(stored)}")
         values = decode_target(target, target_spec["dtype"]).astype(np.float64)
         if not np.isfinite(values).all():
             raise StoreError(f"clip {clip['clip_id']}: non-finite target values")
@@ -482,28 +500,28 @@ class ShardWriter:
         self._count += values.shape[0]
         target_bytes = np.ascontiguousarray(target).tobytes()
         row = {k: clip[k] for k in INDEX_FIELDS}
-        row.update(view=int(row["view"]), clip_index=int(row["clip_index"]), fps=float(row["fps"]),
+        row.update(clip_id=str(row["clip_id"]), video_id=str(row["video_id"]), video_uri=str(row["video_uri"]),
+                   view=int(row["view"]), clip_index=int(row["clip_index"]), fps=float(row["fps"]),
                    start=float(row["start"]), timestamps=[float(t) for t in row["timestamps"]],
                    crop_box=[int(v) for v in row["crop_box"]], padded=int(row["padded"]),
                    video_clips=int(row["video_clips"]), row=len(self.rows),
                    checksum=hashlib.sha256(target_bytes).hexdigest()[:16])
+        self.nbytes += sum(len(m) for m in members) + len(target_bytes)
         if self._tar is not None:
             key = row["clip_id"]
-            ext = frames_spec["encoding"]
-            members = [(f"{key}.f{i:02d}.{ext}", encode_frame(f, ext, int(frames_spec.get("quality", 90))))
-                       for i, f in enumerate(frames)]
-            members.append((f"{key}.target.npy", _npy_bytes(target)))
             meta = {k: v for k, v in row.items() if k != "row"}
             meta["target_dtype"] = target_spec["dtype"]
-            members.append((f"{key}.json", json.dumps(meta).encode()))
-            for name, data in members:
+            named = [(f"{key}.{frame_column(i)}.{encoding}", m) for i, m in enumerate(members)]
+            named += [(f"{key}.target.npy", _npy_bytes(target)), (f"{key}.json", json.dumps(meta).encode())]
+            for name, data in named:
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 self._tar.addfile(info, io.BytesIO(data))
-                self.nbytes += len(data) + 512
-        else:
-            self.nbytes += frames.nbytes // 10 + len(target_bytes)   # zarr only: rough compressed size
         if "zarr" in self.formats:
+            frames = np.stack([decode_frame(m, encoding) for m in members])
+            if frames.shape != expect_frames or frames.dtype != np.uint8:
+                raise StoreError(f"clip {row['clip_id']}: frames {frames.shape} {frames.dtype}, "
+                                 f"store expects {expect_frames} uint8")
             self._pending.append((frames, target, row["clip_id"]))
             if len(self._pending) >= self.zarr_shard_clips:
                 self._flush_zarr()

@@ -1,0 +1,238 @@
+"""The extraction stages as plain Python: decode -> teacher + compression -> encode frames -> write.
+
+jobs.extract wraps each in a Ray Data operator; here they are callable without Ray so that tests,
+benchmarks (the same stages in one process) and small datasets need no cluster. Batches are dicts of
+numpy columns, Ray Data's "numpy" batch format. A clip row carries compact data only: its frames at
+the store's size (never the whole decoded video) and, after the teacher, its compressed target.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.errors import VideoError
+from pipeline.store import (StoreError, StoreWriter, encode_frame, encode_target, filesystem, frame_column,
+                            roll_shards)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".3gp", ".ogv")
+URI_COLUMNS = ("video_uri", "uri", "url", "path")
+
+
+# ---------------------------------------------------------------- inputs
+
+def list_videos(input: str, storage_options: Mapping | None = None) -> list[str]:
+    """PATH (a video or a folder, searched recursively), GLOB, or LIST.parquet -> sorted video URIs.
+
+    URIs keep their scheme (s3://...), so error rows and the index name inputs as the user did."""
+    input = str(input)
+    fs, path = filesystem(input, storage_options)
+    scheme = input.split("://", 1)[0] + "://" if "://" in input and not input.startswith("file://") else ""
+
+    def full(p: str) -> str:
+        return scheme + p if scheme else p
+
+    if input.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, filesystem=fs)
+        column = next((c for c in URI_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{input}: no video column (expected one of {', '.join(URI_COLUMNS)})")
+        return sorted(dict.fromkeys(str(u) for u in table.column(column).to_pylist() if u))
+    if any(ch in path for ch in "*?["):
+        return sorted(full(p) for p in fs.glob(path) if fs.isfile(p))
+    if fs.isdir(path):
+        return sorted(full(p) for p in fs.find(path) if p.lower().endswith(VIDEO_EXTENSIONS))
+    if fs.exists(path):
+        return [input]
+    raise FileNotFoundError(f"--input {input}: no such file, folder or matching glob")
+
+
+# ---------------------------------------------------------------- decode
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a video becomes clips; everything a decode worker needs, picklable."""
+
+    clip_spec: Any                     # pipeline.clips.ClipSpec
+    size: int = 448
+    resize: str = "shorter_center_crop"
+    seed: int = 0
+    timeout: float | None = 120.0
+    chunk_clips: int = 8               # clips decoded (and held in memory) at once per video
+
+
+def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
+    """Yield batches of at most `chunk_clips` clips of one video, leaving out the clip ids in `skip`.
+
+    Raises VideoError for a bad input. `video_clips` (clips planned for the whole video) goes with
+    every clip so the store can later tell a completely extracted video from a partial one."""
+    from pipeline.clips import decode_clips, plan_clips
+    from pipeline.video import probe, video_id
+
+    info = probe(uri, timeout=options.timeout or 30.0)
+    plans = plan_clips(video_id(uri), info, options.clip_spec, options.seed)
+    skip = set(skip)
+    todo = [p for p in plans if p.clip_id not in skip]
+    for i in range(0, len(todo), options.chunk_clips):
+        pairs = decode_clips(uri, todo[i:i + options.chunk_clips], size=options.size, resize=options.resize,
+                             timeout=options.timeout, info=info)
+        yield {
+            "clip_id": np.array([p.clip_id for p, _ in pairs]),
+            "video_id": np.array([p.video_id for p, _ in pairs]),
+            "video_uri": np.array([uri] * len(pairs)),
+            "view": np.array([p.view for p, _ in pairs], dtype=np.int32),
+            "clip_index": np.array([p.index for p, _ in pairs], dtype=np.int32),
+            "fps": np.array([p.fps for p, _ in pairs], dtype=np.float64),
+            "start": np.array([p.start for p, _ in pairs], dtype=np.float64),
+            # the presentation times actually decoded, not the requested ones
+            "timestamps": np.stack([np.asarray(f.timestamps, dtype=np.float64) for _, f in pairs]),
+            "crop_box": np.array([f.crop_box for _, f in pairs], dtype=np.int32),
+            "padded": np.array([p.padded for p, _ in pairs], dtype=np.int32),
+            "video_clips": np.full(len(pairs), len(plans), dtype=np.int32),
+            "frames": np.stack([f.frames for _, f in pairs]),
+        }
+
+
+def error_row(error: VideoError) -> dict[str, str]:
+    return {"video_uri": error.uri, "stage": error.stage, "error_type": type(error).__name__,
+            "message": error.message}
+
+
+def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
+                  store: StoreWriter) -> Iterator[dict[str, np.ndarray]]:
+    """Decode stage over a batch of {video_uri, skip}: clip batches out; a bad video becomes a
+    committed error row (recorded once, never raised) and the stage goes on with the next one."""
+    for uri, skip in zip(batch["video_uri"], batch["skip"]):
+        try:
+            yield from decode_video(str(uri), options, [str(s) for s in skip])
+        except VideoError as e:
+            store.commit_errors([error_row(e)])
+
+
+# ---------------------------------------------------------------- teacher + compression
+
+class TeacherStage:
+    """Teacher + compression over batches of clips. One instance per GPU (a Ray actor), or in-process.
+
+    Adds `target` (stored dtype, [B, N, D]) and the timing columns the job's summary turns into the
+    teacher busy fraction: time inside encode+compress / wall time since the actor was ready."""
+
+    def __init__(self, teacher: str, *, compression: Any, target_dtype: str = "float16", layer: int = -1,
+                 head: str = "none", revision: str | None = None, image_size: int | None = None,
+                 device: str | None = None, dtype: str | None = None, frames_per_forward: int = 256,
+                 expect: Mapping | None = None):
+        import torch
+
+        from pipeline.teacher import Teacher
+
+        torch.set_grad_enabled(False)
+        self.teacher = Teacher.from_pretrained(teacher, layer=layer, head=head, revision=revision, device=device,
+                                               dtype=dtype, image_size=image_size, batch_size=frames_per_forward)
+        if expect is not None and self.teacher.describe() != dict(expect):
+            raise StoreError(f"teacher {teacher} on this worker describes itself as {self.teacher.describe()}, "
+                             f"the store expects {dict(expect)}")
+        self.compression = compression
+        self.target_dtype = target_dtype
+        self.actor = uuid.uuid4().hex[:12]
+        self.ready = time.time()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from pipeline.compress import compress_tokens
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tokens = self.teacher.encode(batch["frames"])
+            target = compress_tokens(tokens, self.compression).float().cpu().numpy()
+        busy = time.perf_counter() - start
+        n = len(target)
+        batch["target"] = encode_target(target, self.target_dtype)
+        batch["teacher_actor"] = np.array([self.actor] * n)
+        batch["teacher_busy"] = np.full(n, busy / n)
+        batch["teacher_ready"] = np.full(n, self.ready)
+        batch["teacher_done"] = np.full(n, time.time())
+        return batch
+
+
+# ---------------------------------------------------------------- frame encoding
+
+def encode_frames(batch: dict[str, np.ndarray], *, encoding: str = "jpg", quality: int = 90) -> dict[str, np.ndarray]:
+    """Raw frames -> one bytes column per frame, so the rows that travel to the writer are compact."""
+    frames = batch.pop("frames")
+    for i in range(frames.shape[1]):
+        batch[frame_column(i)] = np.array([encode_frame(f, encoding, quality) for f in frames[:, i]], dtype=object)
+    return batch
+
+
+# ---------------------------------------------------------------- writing
+
+@dataclass
+class WriteSummary:
+    """What one writer did; summed over writers for the job's summary."""
+
+    shards: int = 0
+    clips: int = 0
+    bytes: int = 0
+    teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
+
+    def add(self, other: "WriteSummary") -> "WriteSummary":
+        self.shards += other.shards
+        self.clips += other.clips
+        self.bytes += other.bytes
+        for actor, (busy, ready, done) in other.teacher.items():
+            mine = self.teacher.setdefault(actor, [0.0, ready, done])
+            mine[0] += busy
+            mine[1] = min(mine[1], ready)
+            mine[2] = max(mine[2], done)
+        return self
+
+    def busy_fraction(self) -> float | None:
+        wall = sum(done - ready for _, ready, done in self.teacher.values())
+        return sum(b for b, _, _ in self.teacher.values()) / wall if wall > 0 else None
+
+
+def batch_rows(batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {k: batch[k][i] for k in keys}
+
+
+def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]], *, shard_bytes: int,
+                 zarr_shard_clips: int = 32) -> WriteSummary:
+    """Write stage: clips into shards rolled at about `shard_bytes`, each published then committed."""
+    summary = WriteSummary()
+
+    def clips() -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            for row in batch_rows(batch):
+                if "teacher_actor" in row:
+                    summary.add(WriteSummary(teacher={str(row["teacher_actor"]): [
+                        float(row["teacher_busy"]), float(row["teacher_ready"]), float(row["teacher_done"])]}))
+                yield row
+
+    for record in roll_shards(store, clips(), shard_bytes, zarr_shard_clips):
+        summary.shards += 1
+        summary.clips += len(record["clips"])
+        summary.bytes += sum(record["bytes"].values())
+    return summary
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512MB', '1GiB', '4096' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
+             "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(float(s))
