@@ -1,0 +1,79 @@
+"""Training checkpoints: DIR/checkpoints/step-XXXXXXXX/ holding
+
+    model.safetensors    the student's weights
+    optimizer.pt         AdamW state dict (tensors and numbers only: loaded with weights_only=True)
+    rng.pt               every rank's torch (and CUDA) RNG state, stacked by rank
+    state.json           step, epoch, loader position, LR-scheduler state, the run's config
+
+A checkpoint is written into a temporary sibling, fsynced, then renamed into place, so a crash
+leaves either the old set or the new one, never a torn directory; the last `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict[str, Any], rng: dict[str, torch.Tensor], keep: int) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():          # a resumed run re-reaching a step it already saved
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporaries of a crashed save are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest(root: str | Path) -> Path | None:
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore model (and optimizer) in place; returns (state.json, rng states)."""
+    path = Path(path)
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return json.loads((path / "state.json").read_text()), rng

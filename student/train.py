@@ -1,0 +1,371 @@
+"""CTD training: the student learns to predict the teacher's compressed tokens of each clip.
+
+    python -m student.train --data STORE --output DIR [--preset tiny] [--max-steps N] [--resume]
+    torchrun --nproc-per-node 8 -m student.train --data s3://bucket/store --output DIR
+
+DIR ends as a `save_pretrained` directory of the student (with the store's target statistics in
+its config) beside checkpoints/, metrics.jsonl, tb/ and eval.json. The loop below is kept flat on
+purpose (nanoGPT style): read `train()` top to bottom to see everything one step does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import parse_config, to_dict
+from student import checkpoint
+from student.data import (FORMATS, StoreInfo, TrainData, check_store_matches, eval_batches, heldout_mask,
+                          read_store, synthetic_batches, to_pixel_values)
+from student.evaluate import evaluate
+from student.loss import LOSSES, distill_loss
+from student.metrics import MetricsLog, StepTimer
+
+
+@dataclass
+class TrainConfig:
+    """Train the LiteFrame student on a store of teacher targets (CTD)."""
+
+    data: str = field(metadata={"help": "store root written by jobs.extract (local dir or s3://...)"})
+    output: str = field(metadata={"help": "local run directory: the trained model, checkpoints/, metrics"})
+    preset: str = field(default="vitb", metadata={"help": "student preset (vitb, tiny, ...)"})
+    init_from: Optional[str] = field(default=None, metadata={"help": "start from this save_pretrained student"})
+    format: str = field(default="webdataset", metadata={"help": f"store format to read: {', '.join(FORMATS)}"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps; the LR schedule spans them"})
+    stop_after: Optional[int] = field(default=None, metadata={
+        "help": "leave after this many steps in this invocation (time-sliced jobs); --resume continues"})
+    batch_size: int = field(default=8, metadata={"help": "clips per rank per step"})
+    lr: float = field(default=4e-5, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final LR as a fraction of the peak"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay"})
+    weight_decay: float = 0.05
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    loss: str = field(default="mse_clip", metadata={"help": f"one of {', '.join(LOSSES)}"})
+    clip_sigma: float = field(default=3.0, metadata={"help": "mse_clip: clamp differences beyond this many target std"})
+    augment: float = field(default=0.2, metadata={"help": "photometric jitter strength (0 disables)"})
+    shuffle_buffer: int = field(default=256, metadata={"help": "webdataset shuffle buffer (clips per stream)"})
+    num_workers: int = field(default=2, metadata={"help": "loader worker processes per rank"})
+    seed: int = 0
+    eval_data: Optional[str] = field(default=None, metadata={"help": "a second store to evaluate on"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of videos for evaluation"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    eval_batches: Optional[int] = field(default=None, metadata={"help": "cap on evaluation batches"})
+    checkpoint_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0: never)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT"})
+    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU), bf16 or fp32"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
+    trace_samples: bool = field(default=False, metadata={"help": "write each step's clip ids to samples-rankR.jsonl"})
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Single process, torchrun (env://) or a process group someone else made (Ray Train)."""
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device)
+    return Dist(0, 1, device)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to the peak, then cosine down to `min_ratio` of it at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_student(cfg: TrainConfig, info: StoreInfo) -> torch.nn.Module:
+    """The student shaped by the store (or loaded from --init-from), carrying the store's target stats."""
+    from student import LiteFrameModel, config_for_store
+
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        model = LiteFrameModel.from_pretrained(cfg.init_from)
+    else:
+        model = LiteFrameModel(config_for_store(cfg.preset, info.store.schema))
+    check_store_matches(model.config, info)
+    model.config.target_mean = info.target_mean.tolist()
+    model.config.target_std = info.target_std.tolist()
+    return model
+
+
+class Trainer:
+    """Model, optimizer and schedule, and the one thing they do together: a training step."""
+
+    def __init__(self, cfg: TrainConfig, info: StoreInfo, env: Dist):
+        self.cfg, self.env = cfg, env
+        self.model = build_student(cfg, info).to(env.device)
+        self.module = self.model  # unwrapped, for saving and evaluation
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.mean = torch.as_tensor(info.target_mean, device=env.device)
+        self.std = torch.as_tensor(info.target_std, device=env.device)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                           betas=(0.9, 0.999), fused=env.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+
+    def wrap(self) -> None:
+        """DDP and torch.compile go on after weights are loaded."""
+        if self.cfg.compile:
+            self.model = torch.compile(self.model)
+        if self.env.world_size > 1:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def pixels(self, batch: dict[str, Any]) -> torch.Tensor:
+        frames = batch["frames"].to(self.env.device, non_blocking=True)
+        jitter = batch.get("jitter")
+        return to_pixel_values(frames, self.module.config.image_mean, self.module.config.image_std,
+                               jitter.to(self.env.device) if jitter is not None else None)
+
+    def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        target = batch["target"].to(self.env.device, non_blocking=True)
+        z = (target.float() - self.mean) / self.std          # standardised with the store's statistics
+        with self.autocast():
+            pred = _tokens(self.model(self.pixels(batch)))
+        loss = distill_loss(self.cfg.loss, pred, z, self.cfg.clip_sigma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), grad_norm.detach()
+
+
+def _tokens(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def _mean_over_ranks(x: torch.Tensor, env: Dist) -> float:
+    if env.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= env.world_size
+    return x.item()
+
+
+def _rng_states(env: Dist) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state, stacked by rank (rank 0 writes the checkpoint)."""
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if env.world_size == 1:
+            return t[None]
+        t = t.to(env.device)
+        out = [torch.empty_like(t) for _ in range(env.world_size)]
+        dist.all_gather(out, t)
+        return torch.stack(out).cpu()
+
+    states = {"torch": gather(torch.get_rng_state())}
+    if env.device.type == "cuda":
+        states["cuda"] = gather(torch.cuda.get_rng_state(env.device))
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor], env: Dist) -> None:
+    if states["torch"].shape[0] != env.world_size:
+        raise ValueError(f"checkpoint was written by {states['torch'].shape[0]} ranks, this run has "
+                         f"{env.world_size}: exact resume needs the same world size")
+    torch.set_rng_state(states["torch"][env.rank])
+    if "cuda" in states and env.device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"][env.rank], env.device)
+
+
+def _barrier(env: Dist) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole run; returns the last logged metrics and the evaluation. `on_log(step, metrics)` is
+    called on every rank at each logged step (Ray Train reports through it)."""
+    env = setup_distributed()
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoints"
+    info = read_store(cfg.data)
+    heldout = heldout_mask(info, cfg.eval_fraction) if cfg.eval_fraction > 0 else None
+    eval_info = read_store(cfg.eval_data) if cfg.eval_data else (info if heldout is not None else None)
+
+    trainer = Trainer(cfg, info, env)
+    if eval_info is not None and eval_info is not info:
+        check_store_matches(trainer.module.config, eval_info)
+    data = TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                     world_size=env.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                     augment=cfg.augment, heldout=heldout)
+
+    per_epoch = data.batches_per_epoch()
+    step, epoch, batch_in_epoch = 0, 0, 0
+    last = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    if last is not None:
+        state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_states(rng, env)
+        step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
+        if env.main:
+            print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
+    trainer.wrap()
+
+    log = MetricsLog(out, env.main, cfg.max_steps, step)
+    trace = open(out / f"samples-rank{env.rank}.jsonl", "a") if cfg.trace_samples else None
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    timer = StepTimer()
+    stop_at = min(cfg.max_steps, step + cfg.stop_after) if cfg.stop_after is not None else cfg.max_steps
+    last_metrics: dict[str, Any] = {}
+    eval_result: dict[str, Any] = {}
+
+    def run_eval() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if env.main and eval_info is not None:
+            batches = eval_batches(eval_info, batch_size=cfg.batch_size, fmt=cfg.format,
+                                   heldout=heldout if eval_info is info else None)
+            result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
+                              target_std=trainer.std, device=env.device, autocast=trainer.autocast,
+                              max_batches=cfg.eval_batches)
+            log.log(step, {f"eval/{k}": v for k, v in result.items()})
+        _barrier(env)
+        return result
+
+    while step < stop_at:
+        batches = iter(data.epoch(epoch, batch_in_epoch))
+        timer.reset()
+        for batch in batches:
+            timer.batch_ready()
+            loss, grad_norm = trainer.step(batch)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
+            step += 1
+            batch_in_epoch += 1
+            timer.step_done(len(batch["clip_id"]))
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "epoch": epoch, "clip_id": batch["clip_id"]}) + "\n")
+            if step % cfg.log_every == 0 or step == stop_at:
+                speed = timer.summary()
+                last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
+                                "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
+                                "clips_per_s": speed["clips_per_s"] * env.world_size,
+                                "data_wait_frac": speed["data_wait_frac"]}
+                log.log(step, last_metrics)
+                if on_log is not None:
+                    on_log(step, last_metrics)
+                timer.reset()
+            if batch_in_epoch == per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
+                rng = _rng_states(env)
+                if env.main:
+                    checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
+                        "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
+                                                 "clips": batch_in_epoch * cfg.batch_size},
+                        "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
+                        "world_size": env.world_size}, rng, cfg.keep_checkpoints)
+                _barrier(env)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                run_eval()
+            if step >= stop_at:
+                break
+            timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
+    if trace is not None:
+        trace.close()
+
+    if step >= cfg.max_steps:
+        eval_result = run_eval()
+        if env.main:
+            trainer.module.save_pretrained(out)
+            (out / "eval.json").write_text(json.dumps(eval_result, indent=1))
+    _barrier(env)
+    log.close()
+    return {"step": step, **last_metrics, "eval": eval_result}
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Training clips/s and the data-wait fraction, with batches from memory ("synthetic") or streamed
+    from cfg.data ("store"), for bench/ scripts. Nothing is saved."""
+    env = setup_distributed()
+    info = read_store(cfg.data)
+    trainer = Trainer(cfg, info, env)
+    trainer.wrap()
+    if source == "synthetic":
+        batches: Iterator[dict[str, Any]] = synthetic_batches(info, cfg.batch_size, cfg.seed)
+    elif source == "store":
+        batches = _forever(TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed,
+                                     rank=env.rank, world_size=env.world_size, num_workers=cfg.num_workers,
+                                     shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment))
+    else:
+        raise ValueError(f"source must be 'synthetic' or 'store', got {source!r}")
+    timer = StepTimer()
+    for i in range(warmup + steps):
+        if i == warmup:
+            timer.reset()
+        batch = next(batches)
+        timer.batch_ready()
+        trainer.step(batch)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        timer.step_done(len(batch["clip_id"]))
+    result = timer.summary()
+    return {"clips_per_s": result["clips_per_s"] * env.world_size, "data_wait_frac": result["data_wait_frac"],
+            "step_ms": 1000 * timer.total / steps, "batch_size": cfg.batch_size, "world_size": env.world_size}
+
+
+def _forever(data: TrainData) -> Iterator[dict[str, Any]]:
+    epoch = 0
+    while True:
+        yield from data.epoch(epoch)
+        epoch += 1
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    cfg = parse_config(TrainConfig, list(argv) if argv is not None else None)
+    result = train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
