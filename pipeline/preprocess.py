@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,7 +94,10 @@ class Preprocessing:
         Frames are moved to `device` as uint8 (4x fewer bytes than float), resized there only when
         their size differs from `self.size`, and normalised with one fused multiply-add.
         """
-        x = torch.as_tensor(frames)
+        with warnings.catch_warnings():
+            # Read-only arrays (e.g. from PIL) are only read here, never written.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(frames)
         if x.shape[-1] != 3:
             raise ValueError(f"expected channels-last RGB frames [..., H, W, 3], got shape {tuple(x.shape)}")
         x = x.to(device, non_blocking=True) if device is not None else x

@@ -194,14 +194,12 @@ class Teacher(nn.Module):
 
         All B*T frames go through the backbone as one image batch, in chunks of `batch_size`.
         """
-        x = torch.as_tensor(frames)
-        if x.ndim != 5 or x.shape[-1] != 3:
-            raise ValueError(f"expected uint8 frames [B, T, H, W, 3], got shape {tuple(x.shape)}")
-        if x.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 frames, got {x.dtype}")
-        b, t = x.shape[:2]
-        pixels = self.preprocessing.to_pixel_values(x.reshape(b * t, *x.shape[2:]), device=self.device,
-                                                    dtype=self.dtype)
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames [B, T, H, W, 3], got shape {tuple(frames.shape)}")
+        if str(frames.dtype).removeprefix("torch.") != "uint8":
+            raise ValueError(f"expected uint8 frames, got {frames.dtype}")
+        b, t = frames.shape[:2]
+        pixels = self.preprocessing.to_pixel_values(frames, device=self.device, dtype=self.dtype).flatten(0, 1)
         out = [self._tokens_fn(chunk) for chunk in pixels.split(self.batch_size)]
         tokens = out[0] if len(out) == 1 else torch.cat(out)
         return tokens.view(b, t, *self.grid, self.dim)
