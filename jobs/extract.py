@@ -1,0 +1,256 @@
+"""Extract teacher targets into a sharded store, on Ray Data.
+
+    python -m jobs.extract --input videos/ --output store/ --teacher /models/internvit [--config job.yaml]
+    ray job submit --working-dir . -- python -m jobs.extract --input s3://b/videos --output s3://b/store ...
+
+Streaming: video URIs -> decode tasks on CPUs (compact clips out: frames at --size, not whole videos)
+-> teacher + compression in an actor pool (one actor per GPU) -> JPEG encode tasks -> a Datasink
+whose write tasks roll shards by bytes and commit them. The driver then finalises the store.
+Resume is the same command: committed shards are skipped, partly done videos redo only their
+missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors.parquet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pipeline.config import ConfigError, parse_config, to_dict
+from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
+                             list_videos, parse_bytes, write_shards)
+from pipeline.store import StoreError, StoreWriter, make_schema
+
+log = logging.getLogger("jobs.extract")
+
+# Environment a worker needs to reach the same object store as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclass
+class ExtractConfig:
+    """Extract teacher targets from videos into a sharded store (webdataset and/or zarr)."""
+
+    input: str = field(metadata={"help": "video file, folder, glob, or a .parquet list (column video_uri/uri/path)"})
+    output: str = field(metadata={"help": "store root: a folder or s3://bucket/prefix"})
+    teacher: str = field(metadata={"help": "teacher checkpoint dir or hub id (HF transformers vision model or VLM)"})
+    layer: int = field(default=-1, metadata={"help": "teacher hidden_states index; -1 = last"})
+    head: str = field(default="none", metadata={"help": "none | projector (InternVL pixel shuffle + MLP)"})
+    teacher_revision: str | None = field(default=None, metadata={"help": "hub revision of the teacher"})
+    teacher_image_size: int | None = field(default=None, metadata={"help": "override the teacher's input size"})
+    compression: str = field(default="wap", metadata={"help": "wap | avg"})
+    factors: tuple[int, int, int] = field(default=(4, 2, 2), metadata={"help": "pooling window t,h,w"})
+    formats: tuple[str, ...] = field(default=("webdataset", "zarr"),
+                                     metadata={"flag": "format", "help": "webdataset, zarr or both"})
+    views: int = field(default=1, metadata={"help": "views (fps/offset draws) per video"})
+    fps: tuple[float, float] = field(default=(1.0, 4.0), metadata={"help": "clip fps range LOW-HIGH"})
+    clip_frames: int = field(default=4, metadata={"help": "frames per clip"})
+    max_clips_per_view: int | None = field(default=None, metadata={"help": "cap on clips per view"})
+    pad_short: bool = field(default=True, metadata={"help": "pad videos shorter than one clip"})
+    size: int = field(default=448, metadata={"help": "stored frame size (square, shorter side + centre crop)"})
+    frame_encoding: str = field(default="jpg", metadata={"help": "jpg | png | npy"})
+    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored frames"})
+    target_dtype: str = field(default="float16", metadata={"help": "float16 | bfloat16 (stored as uint16)"})
+    batch_size: int = field(default=16, metadata={"help": "clips per teacher batch"})
+    frames_per_forward: int = field(default=256, metadata={"help": "frames per teacher forward pass"})
+    teacher_actors: int | None = field(default=None, metadata={"help": "teacher actors; default one per GPU, or 1"})
+    teacher_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per teacher actor"})
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
+    decode_timeout: float = field(default=120.0, metadata={"help": "seconds per probe/decode call before giving up"})
+    chunk_clips: int = field(default=8, metadata={"help": "clips decoded at once per video (bounds memory)"})
+    shard_bytes: str = field(default="512MB", metadata={"help": "target shard size"})
+    zarr_shard_clips: int = field(default=32, metadata={"help": "clips per zarr shard object"})
+    seed: int = field(default=0, metadata={"help": "seed of clip sampling (part of the store's identity)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N input videos (sorted)"})
+    ray_address: str = field(default="auto", metadata={"help": "auto (a reachable cluster, else a local Ray), "
+                                                               "local, or ray://... / host:port"})
+
+
+def actor_pool(size: int):
+    """The one place that spells Ray Data's actor-pool API (it moved between releases; pinned 2.60)."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=size)
+
+
+def clip_spec(cfg: ExtractConfig):
+    from pipeline.clips import ClipSpec
+
+    return ClipSpec(frames=cfg.clip_frames, views=cfg.views, fps_range=tuple(cfg.fps),
+                    max_clips_per_view=cfg.max_clips_per_view, pad_short=cfg.pad_short)
+
+
+def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
+    """store.json for this config and teacher description (see pipeline.store)."""
+    from pipeline.compress import Compression
+
+    compression = Compression(method=cfg.compression, factors=tuple(cfg.factors))
+    grid = compression.output_grid((cfg.clip_frames, *teacher["grid"]))
+    return make_schema(
+        teacher=teacher,
+        compression={"method": compression.method, "factors": list(compression.factors),
+                     "temperature": compression.temperature},
+        clip={"frames": cfg.clip_frames, "views": cfg.views, "fps_range": list(cfg.fps),
+              "max_clips_per_view": cfg.max_clips_per_view, "pad_short": cfg.pad_short, "seed": cfg.seed,
+              "resize": DecodeOptions.resize},
+        frames={"encoding": cfg.frame_encoding, "size": [cfg.size, cfg.size], "quality": cfg.jpeg_quality},
+        target={"tokens": grid[0] * grid[1] * grid[2], "grid": list(grid), "dim": teacher["dim"],
+                "dtype": cfg.target_dtype},
+        formats=cfg.formats)
+
+
+def describe_teacher(cfg: ExtractConfig, dtype: str) -> dict:
+    """The teacher's identity as the actors will load it (same dtype), for store.json."""
+    from pipeline.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.layer, head=cfg.head, revision=cfg.teacher_revision,
+                                      device="cpu", dtype=dtype, image_size=cfg.teacher_image_size)
+    description = teacher.describe()
+    del teacher
+    return description
+
+
+def connect(address: str) -> bool:
+    """Join a cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray. True if we started it."""
+    import ray
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # A submitted job already has its runtime env (working_dir...); a second one would replace it.
+    runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
+    if address == "local":
+        ray.init(address="local", runtime_env=runtime_env)
+        return True
+    try:
+        ray.init(address=address, runtime_env=runtime_env)
+        return False
+    except ConnectionError:
+        if address != "auto":
+            raise
+        log.info("no Ray cluster reachable: starting a local one for this job")
+        ray.init(runtime_env=runtime_env)
+        return True
+
+
+def _datasink(store: StoreWriter, shard_bytes: int, zarr_shard_clips: int):
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import Datasink
+
+    class StoreDatasink(Datasink):
+        """Write tasks get about one shard of compact (encoded) clips each, and commit it."""
+
+        def __init__(self):
+            self.summary = WriteSummary()
+
+        @property
+        def min_bytes_per_write(self) -> int:
+            return shard_bytes
+
+        def write(self, blocks: Iterable, ctx) -> WriteSummary:
+            batches = (BlockAccessor.for_block(b).to_numpy() for b in blocks)
+            return write_shards(store, batches, shard_bytes=shard_bytes, zarr_shard_clips=zarr_shard_clips)
+
+        def on_write_complete(self, write_result) -> None:
+            for part in write_result.write_returns:
+                self.summary.add(part)
+
+    return StoreDatasink()
+
+
+def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, use_gpu: bool,
+                 teacher_dtype: str) -> WriteSummary:
+    import ray
+    import ray.data
+
+    from pipeline.compress import Compression
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    options = DecodeOptions(clip_spec=clip_spec(cfg), size=cfg.size, seed=cfg.seed, timeout=cfg.decode_timeout,
+                            chunk_clips=cfg.chunk_clips)
+    actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
+                        fn_kwargs={"options": options, "store": store})
+    ds = ds.map_batches(
+        TeacherStage, batch_size=cfg.batch_size, batch_format="numpy", compute=actor_pool(actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=cfg.teacher_cpus,
+        fn_constructor_kwargs={
+            "teacher": cfg.teacher, "compression": Compression(method=cfg.compression, factors=tuple(cfg.factors)),
+            "target_dtype": cfg.target_dtype, "layer": cfg.layer, "head": cfg.head,
+            "revision": cfg.teacher_revision, "image_size": cfg.teacher_image_size,
+            "device": "cuda" if use_gpu else "cpu", "dtype": teacher_dtype,
+            "frames_per_forward": cfg.frames_per_forward, "expect": store.schema["teacher"]})
+    ds = ds.map_batches(encode_frames, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_kwargs={"encoding": cfg.frame_encoding, "quality": cfg.jpeg_quality})
+    sink = _datasink(store, parse_bytes(cfg.shard_bytes), cfg.zarr_shard_clips)
+    ds.write_datasink(sink)
+    return sink.summary
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """Run the job end to end; returns the summary. Raises on errors of the job itself."""
+    import ray
+
+    started = time.time()
+    videos = list_videos(cfg.input)
+    if cfg.limit is not None:
+        videos = videos[: cfg.limit]
+    we_started = connect(cfg.ray_address)
+    try:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        teacher_dtype = "bfloat16" if use_gpu else "float32"
+        schema = store_schema(cfg, describe_teacher(cfg, teacher_dtype))
+        schema["job"] = {"config": to_dict(cfg)}
+        store = StoreWriter(cfg.output, schema)
+        progress = store.prepare()
+        pending = [u for u in videos if not progress.done(u)]
+        log.info("%d videos: %d already done, %d to extract", len(videos), len(videos) - len(pending), len(pending))
+        summary = WriteSummary()
+        t0 = time.time()
+        if pending:
+            store.mark_incomplete()
+            items = [{"video_uri": u, "skip": sorted(progress.clips.get(u, ()))} for u in pending]
+            summary = run_pipeline(cfg, store, items, use_gpu=use_gpu, teacher_dtype=teacher_dtype)
+        seconds = time.time() - t0
+        final = store.finalise()
+    finally:
+        if we_started:
+            ray.shutdown()
+    totals = final["summary"]
+    busy = summary.busy_fraction()
+    return {
+        "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": len(videos) - len(pending),
+        "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"], "store_clips": totals["clips"],
+        "store_shards": totals["shards"], "clips_written": summary.clips, "shards_written": summary.shards,
+        "bytes_written": summary.bytes, "pipeline_seconds": round(seconds, 2),
+        "clips_per_second": round(summary.clips / seconds, 3) if summary.clips and seconds > 0 else 0.0,
+        "teacher_actors_seen": len(summary.teacher),
+        "teacher_busy_fraction": round(busy, 3) if busy is not None else None,
+        "total_seconds": round(time.time() - started, 2),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    return "\n".join(f"  {k:<22} {v}" for k, v in summary.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipeline.teacher import TeacherError
+
+    cfg = parse_config(ExtractConfig, argv)
+    try:
+        summary = extract(cfg)
+    except (StoreError, ConfigError, FileNotFoundError, TeacherError) as e:
+        print(f"jobs.extract: error: {e}", file=sys.stderr)
+        return 2
+    print("extraction complete:\n" + format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
