@@ -1,0 +1,137 @@
+"""Clip sampling: which timestamps of a video become training clips, and decoding them.
+
+A plan is a pure function of (video_id, info, spec, seed), so a re-run, another worker or a later
+audit reproduces exactly the same clips. Each view v draws its own fps ~ U(fps_range) and a start
+offset within one clip period from a generator seeded by (video_id, seed, v): adding views never
+changes the earlier ones. Clips of T frames then tile the video back to back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import TooShortError
+from .video import Frames, VideoInfo, decode_frames
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    frames: int = 4
+    views: int = 1
+    fps_range: tuple[float, float] = (1.0, 4.0)
+    max_clips_per_view: int | None = None
+    pad_short: bool = True
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    clip_id: str  # f"{video_id}-v{view}-c{index:05d}", no dots (a webdataset key)
+    video_id: str
+    view: int
+    index: int  # position in the view's tiling (kept when a cap drops clips, so ids stay stable)
+    fps: float
+    start: float
+    timestamps: tuple[float, ...]  # requested, seconds from the first frame
+    padded: int  # trailing frames that repeat the last real frame
+
+
+def _rng(video_id: str, seed: int, view: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{video_id}\0{seed}\0{view}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def _last_time(info: VideoInfo) -> float:
+    if info.last_time is not None:
+        return max(0.0, info.last_time)
+    step = 1.0 / info.avg_fps if info.avg_fps > 0 else 0.0
+    return max(0.0, info.duration - step)
+
+
+def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> list[ClipPlan]:
+    """All clips of all views of one video. Timestamps never pass the last frame.
+
+    A view too short for one clip yields one clip padded with the last frame (`pad_short`), or
+    nothing; if no view yields a clip, TooShortError (recorded by jobs, not a file error)."""
+    T = int(spec.frames)
+    lo, hi = (float(x) for x in spec.fps_range)
+    if T < 1 or spec.views < 1 or not 0 < lo <= hi:
+        raise ValueError(f"bad clip spec {spec}")
+    last = _last_time(info)
+    plans: list[ClipPlan] = []
+    for view in range(spec.views):
+        rng = _rng(video_id, seed, view)
+        fps = float(rng.uniform(lo, hi)) if hi > lo else lo
+        u_offset, u_cap = rng.uniform(), rng.uniform()
+        period = T / fps
+        span = (T - 1) / fps  # first to last frame of a clip
+        offset = u_offset * period
+        count = math.floor((last - span - offset) / period + 1e-9) + 1 if last >= span + offset else 0
+        if count == 0 and last >= span:  # the drawn offset pushed the only clip out: keep it inside
+            offset, count = u_offset * (last - span), 1
+        if count == 0:
+            if spec.pad_short:
+                times = np.arange(T) / fps
+                padded = int(np.sum(times > last))
+                plans.append(_plan(video_id, view, 0, fps, np.minimum(times, last), padded))
+            continue
+        indices = np.arange(count)
+        if spec.max_clips_per_view is not None and count > spec.max_clips_per_view:
+            k = max(0, int(spec.max_clips_per_view))
+            # Evenly spread over the video, with a seeded phase so different seeds pick different clips.
+            indices = np.unique(np.floor((np.arange(k) + u_cap) * count / k).astype(int)) if k else indices[:0]
+        for i in indices:
+            start = offset + i * period
+            times = np.minimum(start + np.arange(T) / fps, last)
+            plans.append(_plan(video_id, view, int(i), fps, times, 0))
+    if not plans:
+        raise TooShortError(info.uri, f"{last:.3f} s of frames is shorter than one clip of {T} frames "
+                                      f"at {lo:g}-{hi:g} fps and padding is off")
+    return plans
+
+
+def _plan(video_id: str, view: int, index: int, fps: float, times: np.ndarray, padded: int) -> ClipPlan:
+    ts = tuple(round(float(t), 6) for t in times)
+    return ClipPlan(clip_id=f"{video_id}-v{view}-c{index:05d}", video_id=video_id, view=view, index=index,
+                    fps=round(fps, 6), start=ts[0], timestamps=ts, padded=padded)
+
+
+def iter_clips(uri: str, plans: Sequence[ClipPlan], size=448, resize: str = "shorter_center_crop",
+               timeout: float | None = None, info: VideoInfo | None = None, max_frames: int | None = None,
+               **decode_kw) -> Iterator[tuple[ClipPlan, Frames]]:
+    """Decode clips in batches of at most `max_frames` requested frames (bounded memory for long
+    videos); each batch is one decode of all its views together, so shared frames decode once."""
+    plans = sorted(plans, key=lambda p: (p.timestamps[0], p.view, p.index))
+    batch: list[ClipPlan] = []
+    n = 0
+    for plan in plans:
+        if batch and max_frames is not None and n + len(plan.timestamps) > max_frames:
+            yield from _decode_batch(uri, batch, size, resize, timeout, info, decode_kw)
+            batch, n = [], 0
+        batch.append(plan)
+        n += len(plan.timestamps)
+    if batch:
+        yield from _decode_batch(uri, batch, size, resize, timeout, info, decode_kw)
+
+
+def _decode_batch(uri, batch, size, resize, timeout, info, decode_kw):
+    times = [t for p in batch for t in p.timestamps]
+    frames = decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
+    pos = 0
+    for p in batch:
+        k = len(p.timestamps)
+        yield p, Frames(frames.frames[pos:pos + k], frames.timestamps[pos:pos + k], frames.crop_box)
+        pos += k
+
+
+def decode_clips(uri: str, plans: Sequence[ClipPlan], size=448, resize: str = "shorter_center_crop",
+                 timeout: float | None = None, info: VideoInfo | None = None,
+                 **decode_kw) -> list[tuple[ClipPlan, Frames]]:
+    """All clips of one video from a single decode (all views together), in plan order."""
+    order = {p.clip_id: i for i, p in enumerate(plans)}
+    out = list(iter_clips(uri, plans, size, resize, timeout, info, None, **decode_kw))
+    return sorted(out, key=lambda pf: order[pf[0].clip_id])
