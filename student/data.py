@@ -29,13 +29,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 FORMATS = ("webdataset", "zarr")
 
 
-class StoreMismatchError(ValueError):
+class SchemaMismatchError(ValueError):
     """The store's schema (clip length, frame size, target tokens or width) does not fit the model."""
 
 
@@ -118,17 +117,15 @@ def read_store(root: str) -> StoreInfo:
 
 def check_store_matches(config: Any, info: StoreInfo) -> None:
     """Fail at start, naming every field, rather than with a shape error deep in the first step."""
-    size = config.image_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     wanted = {
         "clip length (frames)": (config.clip_frames, info.clip_frames),
-        "frame size (H, W)": (size, info.frame_size),
+        "frame size (H, W)": (tuple(config.image_hw), info.frame_size),
         "target tokens": (config.target_tokens, info.target_tokens),
         "target width": (config.target_dim, info.target_dim),
     }
     bad = [f"{k}: model {m}, store {s}" for k, (m, s) in wanted.items() if m != s]
     if bad:
-        raise StoreMismatchError(f"store {info.root} does not fit the model: " + "; ".join(bad))
+        raise SchemaMismatchError(f"store {info.root} does not fit the model: " + "; ".join(bad))
 
 
 def heldout_mask(info: StoreInfo, fraction: float) -> list[np.ndarray]:
@@ -237,31 +234,20 @@ def epoch_clip_ids(info: StoreInfo, plan: EpochPlan, rank: int) -> list[list[str
 # ---------------------------------------------------------------- decoding
 
 
-def _decode_image(data: bytes, ext: str) -> np.ndarray:
-    if ext == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _decode_target(array: np.ndarray, dtype: str) -> np.ndarray:
-    from pipeline.store import decode_target
-
-    return np.asarray(decode_target(array, dtype), dtype=np.float32)
-
-
 def decode_wds_sample(sample: dict[str, bytes], info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
     """Frames uint8 [T, H, W, 3] and target float32 [N, D] of one webdataset sample."""
+    from pipeline.store import decode_frame, decode_target, frame_column
+
     key = sample["__key__"]
-    names = [f"f{i:02d}.{info.frame_ext}" for i in range(info.clip_frames)]
+    names = [f"{frame_column(i)}.{info.frame_ext}" for i in range(info.clip_frames)]
     missing = [n for n in names + ["target.npy"] if n not in sample]
     if missing:
         raise StoreContentError(f"sample {key} in {sample.get('__url__')}: missing {', '.join(missing)}")
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if meta.get("clip_id", key) != key:
         raise StoreContentError(f"sample {key}: metadata names clip {meta.get('clip_id')!r}")
-    frames = np.stack([_decode_image(sample[n], info.frame_ext) for n in names])
-    target = _decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), info.target_dtype)
+    frames = np.stack([decode_frame(sample[n], info.frame_ext) for n in names])
+    target = decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), info.target_dtype)
     return _checked(key, frames, target, info)
 
 
@@ -322,36 +308,26 @@ def _read_positions(info: StoreInfo, rows: np.ndarray, needed: np.ndarray) -> It
 
 
 class _Zarr:
-    """Per-shard Zarr arrays, opened lazily in each loader worker."""
+    """Per-shard Zarr groups, opened lazily in each loader worker."""
 
     def __init__(self, info: StoreInfo):
         self.info = info
         self.groups: dict[int, Any] = {}
 
-    def _group(self, shard: int) -> Any:
-        if shard not in self.groups:
-            import zarr
-            from zarr.storage import FsspecStore
-
-            fs = self.info.store.fs
-            root = f"{self.info.root.rstrip('/')}/zarr/{self.info.shards[shard]}"
-            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-                self.groups[shard] = zarr.open_group(root, mode="r")
-            else:
-                self.groups[shard] = zarr.open_group(FsspecStore.from_mapper(fs.get_mapper(root), read_only=True),
-                                                     mode="r")
-        return self.groups[shard]
-
     def read(self, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
-        g = self._group(shard)
+        from pipeline.store import decode_target
+
+        if shard not in self.groups:
+            self.groups[shard] = self.info.store.zarr_group(self.info.shards[shard])
+        g = self.groups[shard]
         key = self.info.clip_ids[shard][row]
         stored = str(g["clip_id"][row])
         if stored != key:
             raise StoreContentError(f"zarr shard {self.info.shards[shard]} row {row}: clip {stored!r}, "
                                     f"index says {key!r}")
         targets = g["targets"]
-        dtype = targets.attrs.get("dtype", self.info.target_dtype)
-        return _checked(key, np.asarray(g["frames"][row]), _decode_target(np.asarray(targets[row]), dtype), self.info)
+        target = decode_target(np.asarray(targets[row]), targets.attrs.get("dtype", self.info.target_dtype))
+        return _checked(key, np.asarray(g["frames"][row]), target, self.info)
 
 
 def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: float) -> np.ndarray:
@@ -359,22 +335,18 @@ def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: 
     return _rng(seed, epoch, _AUGMENT, stream, position).uniform(1 - strength, 1 + strength, 3).astype(np.float32)
 
 
-def to_pixel_values(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    jitter: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> normalised float [B, T, 3, H, W], with photometric jitter (brightness,
-    contrast, saturation, one draw per clip so all its frames change alike). Runs on the training
-    device, so loader workers ship compact uint8."""
-    x = frames.permute(0, 1, 4, 2, 3).float().div_(255)
-    if jitter is not None:
-        b, c, s = (jitter[:, i].to(x).view(-1, 1, 1, 1, 1) for i in range(3))
-        x = (x * b).clamp_(0, 1)
-        gray = (0.299 * x[:, :, 0] + 0.587 * x[:, :, 1] + 0.114 * x[:, :, 2]).unsqueeze(2)
-        x = ((x - gray.mean(dim=(2, 3, 4), keepdim=True)) * c + gray.mean(dim=(2, 3, 4), keepdim=True)).clamp_(0, 1)
-        gray = (0.299 * x[:, :, 0] + 0.587 * x[:, :, 1] + 0.114 * x[:, :, 2]).unsqueeze(2)
-        x = ((x - gray) * s + gray).clamp_(0, 1)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 1, 3, 1, 1)
-    sd = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 1, 3, 1, 1)
-    return (x - m) / sd
+def jitter_frames(frames: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+    """Photometric jitter of uint8 clips [B, T, H, W, 3] -> float [B, T, H, W, 3] in 0..255: brightness,
+    contrast, saturation, one draw per clip so all its frames change alike. Runs on the training
+    device, so loader workers ship compact uint8; normalisation is the model's own `preprocess`."""
+    x = frames.float().div_(255)
+    b, c, s = (jitter[:, i].to(x).view(-1, 1, 1, 1, 1) for i in range(3))
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+    x = (x * b).clamp_(0, 1)
+    mean = (x @ luma).mean(dim=(1, 2, 3), keepdim=True).unsqueeze(-1)
+    x = ((x - mean) * c + mean).clamp_(0, 1)
+    gray = (x @ luma).unsqueeze(-1)
+    return ((x - gray) * s + gray).clamp_(0, 1).mul_(255)
 
 
 def _collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Any]:
@@ -448,6 +420,8 @@ class ClipStream(IterableDataset):
                 items = []
         if items:
             yield _collate(items)
+        for _ in source:    # finish the stream, so its last shard's clip count is checked too
+            pass
 
 
 class TrainData:

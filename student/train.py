@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pipeline.config import parse_config, to_dict
 from student import checkpoint
 from student.data import (FORMATS, StoreInfo, TrainData, check_store_matches, eval_batches, heldout_mask,
-                          read_store, synthetic_batches, to_pixel_values)
+                          jitter_frames, read_store, synthetic_batches)
 from student.evaluate import evaluate
 from student.loss import LOSSES, distill_loss
 from student.metrics import MetricsLog, StepTimer
@@ -146,10 +146,11 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def pixels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """uint8 clips [B, T, H, W, 3] -> jittered (training only), normalised [B, T, 3, H, W]."""
         frames = batch["frames"].to(self.env.device, non_blocking=True)
-        jitter = batch.get("jitter")
-        return to_pixel_values(frames, self.module.config.image_mean, self.module.config.image_std,
-                               jitter.to(self.env.device) if jitter is not None else None)
+        if "jitter" in batch:
+            frames = jitter_frames(frames, batch["jitter"].to(self.env.device))
+        return self.module.preprocess(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
 
     def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch["target"].to(self.env.device, non_blocking=True)
