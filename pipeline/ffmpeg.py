@@ -141,7 +141,11 @@ def error_lines(stderr: str, limit: int = 3) -> str:
     return rest[-1] if rest else ""
 
 
-def open_error(uri: str, stderr: str) -> VideoError:
+# Demuxer messages that mean the file was cut short (MP4 without its index, a partial MP4/MKV).
+TRUNCATION_MARKERS = ("moov atom not found", "partial file", "file ended prematurely")
+
+
+def open_error(uri: str, stderr: str, path: str) -> VideoError:
     """Map the stderr of an ffmpeg that could not open its input to a typed error."""
     low = stderr.lower()
     detail = error_lines(stderr)
@@ -149,8 +153,16 @@ def open_error(uri: str, stderr: str) -> VideoError:
         return InputNotFoundError(uri, f"no such file ({detail})")
     if "permission denied" in low:
         return InputNotFoundError(uri, f"permission denied ({detail})")
-    if "moov atom not found" in low:  # an MP4 cut before its index was written: a truncated video
-        return CorruptVideoError(uri, f"truncated container, no index ({detail})")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return InputNotFoundError(uri, f"unreadable ({e})")
+    if not head:
+        return NotAVideoError(uri, "empty file")
+    # ffmpeg picks the MP4 demuxer from the extension alone; only real MP4 boxes make it a cut MP4.
+    if "moov atom not found" in low and head[4:8] in (b"ftyp", b"mdat", b"moov", b"free", b"wide", b"skip"):
+        return CorruptVideoError(uri, f"truncated MP4: no index (moov) box ({detail})")
     return NotAVideoError(uri, f"not a container ffmpeg can read ({detail})")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import remote
 from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, NotAVideoError, VideoError
-from .ffmpeg import FFmpeg, check_local, error_lines, open_error
+from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, open_error
 
 RESIZE_POLICIES = ("shorter_center_crop", "squash", "pad")
 SEEK_GAP_S = 1.0  # seek (new ffmpeg run) only when it skips more than this much video: a run costs ~30 ms
@@ -127,7 +127,10 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
         out = ff.read_all()
         rc = ff.wait()
         err = ff.stderr
-    header = _parse_header(uri, err)
+    header = _parse_header(uri, err, path)
+    truncated = [m for m in TRUNCATION_MARKERS if m in err.lower()]
+    if truncated:
+        raise CorruptVideoError(uri, f"truncated file ({truncated[0]}): the container ends before its data does")
     tb, pts, key_flags = _parse_framecrc(out)
     if rc != 0 and not pts:
         raise CorruptVideoError(uri, f"no readable video packet ({error_lines(err)})")
@@ -225,10 +228,13 @@ def _rate(text: str, unit: str) -> float | None:
     return v
 
 
-def _parse_header(uri: str, err: str) -> dict:
+def _parse_header(uri: str, err: str, path: str) -> dict:
     """The `ffmpeg -i` dump: the first video stream that is not cover art, and its display matrix."""
-    if "Input #0" not in err:
-        raise open_error(uri, err)
+    fmt = re.search(r"Input #0, (.*), from '", err)
+    if not fmt:
+        raise open_error(uri, err, path)
+    if fmt.group(1) == "image2" or fmt.group(1).endswith("_pipe"):
+        raise NotAVideoError(uri, f"a still image ({fmt.group(1)}), not a video")
     lines = err.splitlines()
     start = re.search(r"Duration: [^,]+, start: (-?[\d.]+)", err)
     for i, line in enumerate(lines):
