@@ -19,6 +19,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
+from pipeline.preprocess import Preprocessing
+
 from .configuration import LiteFrameConfig
 
 # Maps standardised pixel values [B, T, 3, H, W] to standardised tokens [B, T', h', w', D].
@@ -217,13 +219,10 @@ class LiteFrameModel(PreTrainedModel):
         return math.ceil(reach / cfg.clip_frames) * cfg.clip_frames
 
     def preprocess(self, frames: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> normalised float [N, 3, H', W'] at the model's image size, on its device."""
-        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        if tuple(x.shape[-2:]) != self.config.image_hw:
-            x = F.interpolate(x, size=self.config.image_hw, mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.config.image_mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.image_std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(dtype or self.dtype)
+        """uint8 [N, H, W, 3] -> normalised [N, 3, H', W'] at the model's image size, on its device."""
+        pre = Preprocessing(size=self.config.image_hw, image_mean=tuple(self.config.image_mean),
+                            image_std=tuple(self.config.image_std))
+        return pre.to_pixel_values(frames, device=self.device, dtype=dtype or self.dtype)
 
     def destandardise(self, tokens: torch.Tensor) -> torch.Tensor:
         """Standardised predictions -> the teacher's target space, with the store's per-channel stats."""

@@ -1,0 +1,59 @@
+"""Optimised inference path for the student: low-precision weights + a compiled trunk.
+
+The eager model is already laid out for speed (channels-last tokens, fused QKV, SDPA, temporal conv
+as a shifted sum); what is left is fusing the memory-bound glue between the matmuls (LayerNorm,
+bias + GELU, residual adds, the temporal conv), which torch.compile does. The wrapper keeps the
+eager model's API (`encode`, `__call__`, `encode_video`) so callers switch paths with one line,
+and `tests/test_student_model_fast.py` checks the outputs match the eager model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .modeling import LiteFrameModel
+
+
+class FastEncoder:
+    """A compiled, cast copy of a LiteFrameModel for inference; the original model is left untouched.
+
+    `mode` is torch.compile's (None = default, "max-autotune-no-cudagraphs", "reduce-overhead" for
+    CUDA graphs). `dynamic=True` compiles once for every frame count (a video's length varies);
+    `dynamic=False` specialises per shape (slightly faster kernels, a compile per new length).
+    """
+
+    def __init__(
+        self,
+        model: LiteFrameModel,
+        dtype: torch.dtype | None = None,
+        compile: bool = True,
+        mode: str | None = None,
+        dynamic: bool | None = True,
+        backend: str = "inductor",
+    ):
+        if dtype is None:
+            dtype = torch.bfloat16 if model.device.type == "cuda" else torch.float32
+        self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        self.config = model.config
+        self.dtype = dtype
+        encode = self.model.encode
+        self._encode = torch.compile(encode, mode=mode, dynamic=dynamic, backend=backend) if compile else encode
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] normalised -> standardised tokens [B, T', h', w', D]."""
+        return self._encode(pixel_values.to(self.model.device, self.dtype))
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Same contract as LiteFrameModel.forward: [B, T, 3, H, W] -> [B, T'*h'*w', D]."""
+        return self.encode(pixel_values).flatten(1, 3)
+
+    @torch.inference_mode()
+    def encode_video(
+        self, frames: np.ndarray | torch.Tensor, chunk_frames: int | None = None, span_clips: bool = True
+    ) -> torch.Tensor:
+        """LiteFrameModel.encode_video through the compiled trunk: float32 [clips, tokens, D], teacher space."""
+        return self.model.encode_video(frames, chunk_frames=chunk_frames, span_clips=span_clips, encoder=self.encode)
