@@ -1,0 +1,184 @@
+"""The paper's latency table: ViT + projector + LLM prefill, batch 1, random weights at real shapes.
+
+Baseline: InternVL3-8B shape (InternViT-300M 24x1024 at 448 px, 1025 tokens/frame, pixel shuffle
+0.5 -> 256 tokens/frame of width 4096, projector 4096->3584, Qwen2.5-7B) at 32 and 64 frames.
+LiteFrame: the student (`vitb` preset, 64 tokens per 4-frame clip) + `lma.VideoProjector`
+(3584->3584) + the same LLM at 64, 256 and 512 frames. Both share one LLM instance.
+
+    python bench/latency.py                 # on a GPU: bf16, SDPA, CUDA events after warm-up
+    python bench/latency.py --tiny          # CPU smoke run with tiny shapes (numbers mean nothing)
+
+Text tokens per row: a prompt of --prompt-tokens plus --marker-tokens per frame (baseline,
+InternVL's "Frame i:") or per clip (LiteFrame's "<t=..s>"), so the LLM sees what it would in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lma.modeling import VideoProjector  # noqa: E402
+
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      image_size=448, patch_size=14)
+BASELINE = "InternVL3-8B shape"
+TINY_LLM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                image_size=112, patch_size=14)
+
+
+class Timer:
+    """Median milliseconds over `reps` runs after `warmup`: CUDA events on GPU, a wall clock on CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def __call__(self, fn):
+        for _ in range(self.warmup):
+            out = fn()
+        times = []
+        for _ in range(self.reps):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                torch.cuda.synchronize(self.device)
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                out = fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), out
+
+
+def build_internvl(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """Random InternVL (vision tower + pixel shuffle + projector + Qwen2 LLM), built on the device."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    text = dict(TINY_LLM if tiny else QWEN25_7B, model_type="qwen2")
+    cfg = InternVLConfig(vision_config=TINY_VIT if tiny else INTERNVIT_300M, text_config=text,
+                         downsample_ratio=0.5, image_token_id=text["vocab_size"] - 1)
+    cfg.vision_config._attn_implementation = "sdpa"
+    cfg.text_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def build_student(preset: str, device: torch.device, dtype: torch.dtype, target_dim: int):
+    from student import LiteFrameModel, preset_config
+
+    config = preset_config(preset, target_dim=target_dim)
+    with torch.device(device):
+        model = LiteFrameModel(config)
+    return model.to(dtype=dtype).eval()
+
+
+def prefill(model, visual: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """LLM prefill over [text | visual | text] embeddings: KV cache written, next-token logits only."""
+    lm = model.model.language_model
+    hidden = visual.shape[-1]
+    half = text_tokens // 2
+    text_a = torch.randn(1, half, hidden, device=visual.device, dtype=visual.dtype)
+    text_b = torch.randn(1, text_tokens - half, hidden, device=visual.device, dtype=visual.dtype)
+    embeds = torch.cat([text_a, visual.reshape(1, -1, hidden), text_b], dim=1)
+    out = lm(inputs_embeds=embeds, use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1:])
+
+
+@torch.inference_mode()
+def baseline_row(model, frames: int, timer: Timer, args, device, dtype) -> dict:
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pixels = torch.randn(frames, 3, size, size, device=device, dtype=dtype)
+    vit_ms, feats = timer(lambda: model.model.vision_tower(pixel_values=pixels).last_hidden_state)
+
+    def project():
+        x = feats[:, 1:]                       # drop CLS: 1024 patches per frame
+        side = int(x.shape[1] ** 0.5)
+        x = model.model.pixel_shuffle(x.reshape(frames, side, side, -1), model.config.downsample_ratio)
+        return model.model.multi_modal_projector(x.reshape(frames, -1, x.shape[-1]))
+
+    proj_ms, visual = timer(project)
+    text = args.prompt_tokens + args.marker_tokens * frames
+    prefill_ms, _ = timer(lambda: prefill(model, visual, text))
+    return {"model": BASELINE, "frames": frames, "visual_tokens": visual.shape[0] * visual.shape[1],
+            "text_tokens": text, "vit_ms": vit_ms, "projector_ms": proj_ms, "prefill_ms": prefill_ms}
+
+
+@torch.inference_mode()
+def student_row(model, student, projector, frames: int, timer: Timer, args, device) -> dict:
+    size = student.config.image_hw
+    video = torch.randint(0, 256, (frames, *size, 3), dtype=torch.uint8, device=device)
+    vit_ms, tokens = timer(lambda: student.encode_video(video, chunk_frames=args.chunk_frames))
+    proj_ms, visual = timer(lambda: projector(tokens).to(model.dtype))
+    clips = tokens.shape[0]
+    text = args.prompt_tokens + args.marker_tokens * clips
+    prefill_ms, _ = timer(lambda: prefill(model, visual, text))
+    return {"model": f"LiteFrame student ({args.student_preset})", "frames": frames,
+            "visual_tokens": tokens.shape[0] * tokens.shape[1], "text_tokens": text,
+            "vit_ms": vit_ms, "projector_ms": proj_ms, "prefill_ms": prefill_ms}
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["model"] == BASELINE and r["frames"] == 32), rows[0])
+    base_total = base["vit_ms"] + base["projector_ms"] + base["prefill_ms"]
+    lines = [f"| model | frames | visual tokens | ViT ms | projector ms | prefill ms | total ms | "
+             f"vs baseline {base['frames']}f |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        total = r["vit_ms"] + r["projector_ms"] + r["prefill_ms"]
+        r["total_ms"], r["ratio"] = total, total / base_total
+        lines.append(f"| {r['model']} | {r['frames']} | {r['visual_tokens']} | {r['vit_ms']:.1f} | "
+                     f"{r['projector_ms']:.1f} | {r['prefill_ms']:.1f} | {total:.1f} | {r['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke run)")
+    p.add_argument("--baseline-frames", default="32,64")
+    p.add_argument("--student-frames", default="64,256,512")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--marker-tokens", type=int, default=6)
+    p.add_argument("--chunk-frames", type=int, default=None, help="student encode_video chunking")
+    p.add_argument("--json-out", help="write rows and environment to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    timer = Timer(device, args.warmup, args.reps)
+    model = build_internvl(args.tiny, device, dtype)
+    hidden = model.config.text_config.hidden_size
+    args.student_preset = "tiny" if args.tiny else "vitb"
+    student = build_student(args.student_preset, device, dtype, target_dim=hidden)
+    projector = VideoProjector(hidden, hidden).to(device)   # residual: targets already in LLM space
+    rows = [baseline_row(model, int(f), timer, args, device, dtype) for f in args.baseline_frames.split(",")]
+    rows += [student_row(model, student, projector, int(f), timer, args, device)
+             for f in args.student_frames.split(",")]
+    print(table(rows))
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps,
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    print(json.dumps(env))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

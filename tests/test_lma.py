@@ -1,0 +1,290 @@
+"""Language Model Adaptation (lma): data, the Video LLM, fine-tuning, resume and generation,
+with a tiny random Qwen2 + a locally trained BPE tokenizer + the tiny random student, all loaded
+back through `from_pretrained(dir)`, over videos generated with ffmpeg."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lma.data import (IGNORE_INDEX, RecordError, clip_start_times, parse_record, read_records,
+                      sample_timestamps, tokenize_conversation)
+from lma.finetune import FinetuneConfig, finetune
+from lma.modeling import VideoLLM, VideoProjector
+from pipeline import errors
+from pipeline.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["what colour is the square in the video", "the square is red", "the square is blue",
+          "the video shows a moving square", "describe the video", "how many squares are there", "one square"]
+FRAMES = 8
+STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory) -> Path:
+    """A Qwen-style chat tokenizer (byte-level BPE trained here) and a 2-layer random Qwen2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    out = tmp_path_factory.mktemp("llm")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHAT_TEMPLATE)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=0.1)   # std 0.02 gives near-uniform logits a few steps cannot move
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory) -> Path:
+    from student import LiteFrameModel, preset_config
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("student")
+    LiteFrameModel(preset_config("tiny")).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """4 good records over 2 generated videos (relative and absolute paths, both formats), plus
+    bad lines: 2 not JSON, 3 no video, 5 a file that is not a video, 7 a missing video."""
+    from pipeline.samples import make_video
+
+    root = tmp_path_factory.mktemp("lma_data")
+    make_video(root / "a.mp4", seconds=2.0, fps=8, size=(128, 96))
+    make_video(root / "b.mp4", seconds=1.5, fps=10, size=(96, 128))
+    (root / "junk.mp4").write_bytes(b"this is not a video" * 50)
+    q = "what colour is the square"
+    lines = [
+        json.dumps({"video": "a.mp4", "conversations": [{"from": "human", "value": f"<video>\n{q}"},
+                                                         {"from": "gpt", "value": "the square is red"}]}),
+        '{"video": "a.mp4", "conversations": [',
+        json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "red"}]}),
+        json.dumps({"video": str(root / "b.mp4"), "messages": [{"role": "user", "content": q},
+                                                               {"role": "assistant", "content": "the square is blue"}]}),
+        json.dumps({"video": "junk.mp4", "conversations": [{"from": "human", "value": q},
+                                                            {"from": "gpt", "value": "red"}]}),
+        json.dumps({"video": "b.mp4", "messages": [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": " how many squares are there"}]},
+            {"role": "assistant", "content": "one square"}]}),
+        json.dumps({"video": "missing.mp4", "conversations": [{"from": "human", "value": q},
+                                                               {"from": "gpt", "value": "red"}]}),
+        "",
+        json.dumps({"video": "a.mp4", "conversations": [{"from": "human", "value": "describe the video"},
+                                                         {"from": "gpt", "value": "the video shows a moving square"}]}),
+    ]
+    path = root / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(student_dir, llm_dir, data_file, output, *extra) -> FinetuneConfig:
+    return parse_config(FinetuneConfig, [
+        "--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(output),
+        "--frames", str(FRAMES), "--max-steps", str(STEPS), "--grad-accum", "2", "--lr", "1e-2", "--warmup-ratio", "0",
+        "--save-every", str(STEPS // 2), "--seed", "1", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, student_dir, llm_dir, data_file) -> Path:
+    output = tmp_path_factory.mktemp("lma_run") / "out"
+    finetune(_config(student_dir, llm_dir, data_file, output))
+    return output
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def test_records_both_formats_and_bad_lines_with_line_numbers(data_file):
+    records, errors = read_records(str(data_file))
+    assert [r.line for r in records] == [1, 4, 5, 6, 7, 9]     # junk/missing videos fail later, at decode
+    assert {e.line for e in errors} == {2, 3}
+    assert "not JSON" in str(next(e for e in errors if e.line == 2))
+    assert records[0].video == str(data_file.parent / "a.mp4")
+    assert records[1].messages[0]["content"].startswith("<video>\n")        # placeholder added when absent
+    assert records[3].messages[0]["content"] == "<video> how many squares are there"
+    assert [m["role"] for m in records[0].messages] == ["user", "assistant"]
+    with pytest.raises(RecordError, match="line 7: 2 <video> placeholders"):
+        parse_record({"video": "x", "conversations": [{"from": "human", "value": "<video><video>"},
+                                                      {"from": "gpt", "value": "a"}]}, 7)
+    with pytest.raises(RecordError, match="no assistant answer"):
+        parse_record({"video": "x", "messages": [{"role": "user", "content": "hi"}]}, 1)
+    with pytest.raises(RecordError, match="no known"):
+        parse_record({"video": "x", "conversations": [{"from": "robot", "value": "hi"}]}, 1)
+
+
+def test_uniform_sampling_covers_video_and_caps_at_available_frames():
+    ts = sample_timestamps(8.0, 4)
+    assert ts == [1.0, 3.0, 5.0, 7.0]
+    assert len(sample_timestamps(2.0, 512, available=20)) == 20
+    assert clip_start_times([0.1 * i for i in range(10)], 4) == pytest.approx([0.0, 0.4, 0.8])
+
+
+def test_labels_cover_answers_only_and_visual_slots_follow_time_markers(llm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    messages = [{"role": "user", "content": "<video>\nwhat colour is the square"},
+                {"role": "assistant", "content": "the square is red"},
+                {"role": "user", "content": "how many squares are there"},
+                {"role": "assistant", "content": "one square"}]
+    ex = tokenize_conversation(tok, messages, [0.0, 1.5, 3.0], tokens_per_clip=5)
+    assert int(ex.visual_mask.sum()) == 15
+    assert (ex.labels[ex.visual_mask] == IGNORE_INDEX).all()
+    answer = tok.decode(ex.labels[ex.labels != IGNORE_INDEX])
+    assert answer == "the square is red<|im_end|>\none square<|im_end|>\n"
+    text = tok.decode(ex.input_ids[~ex.visual_mask])
+    assert text.index("<t=0.0s>") < text.index("<t=1.5s>") < text.index("<t=3.0s>") < text.index("what colour")
+    # the visual slots sit right after each marker: 5 slots between consecutive markers
+    slots = ex.visual_mask.int().tolist()
+    runs = [len(r) for r in "".join(map(str, slots)).split("0") if r]
+    assert runs == [5, 5, 5]
+    prompt = tokenize_conversation(tok, messages[:1], [0.0], 5, add_generation_prompt=True)
+    assert tok.decode(prompt.input_ids[~prompt.visual_mask]).endswith("<|im_start|>assistant\n")
+    assert (prompt.labels == IGNORE_INDEX).all()
+
+
+# ---- model --------------------------------------------------------------------------------------
+def test_residual_projector_starts_as_identity_and_mlp_maps_dims():
+    x = torch.randn(2, 4, 16)
+    assert torch.equal(VideoProjector(16, 16)(x), x)
+    assert VideoProjector(16, 16).kind == "residual"
+    mlp = VideoProjector(16, 24)
+    assert mlp.kind == "mlp" and mlp(x).shape == (2, 4, 24)
+    with pytest.raises(ValueError):
+        VideoProjector(16, 24, "residual")
+
+
+def _batch(model: VideoLLM, frames):
+    from lma.data import collate
+
+    timestamps = [0.25 * i for i in range(len(frames))]
+    ex = model.prompt([{"role": "user", "content": "<video>\nwhat colour is the square"},
+                       {"role": "assistant", "content": "the square is red"}], timestamps)
+    return collate([ex], model.tokenizer.pad_token_id)
+
+
+def test_adapter_save_load_round_trip_gives_identical_logits(tmp_path, student_dir, llm_dir):
+    torch.manual_seed(0)
+    model = VideoLLM.build(student_dir, str(llm_dir))
+    with torch.no_grad():   # a trained adapter: LoRA B is zero at init, which would make any load look right
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    frames = torch.randint(0, 256, (6, 112, 112, 3), dtype=torch.uint8)
+    batch = _batch(model, frames)
+    with torch.no_grad():
+        before = model(**batch, visual=model.visual_embeds(frames)).logits
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "adapter" / "adapter_config.json").exists()
+    loaded = VideoLLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        after = loaded(**batch, visual=loaded.visual_embeds(frames)).logits
+        base = loaded.llm.get_base_model()
+        with loaded.llm.disable_adapter():
+            no_adapter = loaded(**batch, visual=loaded.visual_embeds(frames)).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, no_adapter, atol=1e-4), "the adapter must change the logits"
+    assert base is not None
+
+    model.save_pretrained(tmp_path / "merged", merge=True)
+    merged = VideoLLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.merged and (tmp_path / "merged" / "llm" / "config.json").exists()
+    with torch.no_grad():
+        out = merged(**batch, visual=merged.visual_embeds(frames)).logits
+    torch.testing.assert_close(out, before, atol=1e-4, rtol=1e-4)
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------
+def _dataset_loss(model: VideoLLM, data_file: Path) -> float:
+    from lma.data import collate, load_frames
+
+    records, _ = read_records(str(data_file))
+    losses = []
+    with torch.no_grad():
+        for rec in records:
+            if "junk" in rec.video or "missing" in rec.video:
+                continue
+            frames, ts = load_frames(rec.video, FRAMES, model.config.image_size)
+            batch = collate([model.prompt(rec.messages, ts)], model.tokenizer.pad_token_id)
+            losses.append(float(model(**batch, visual=model.visual_embeds(frames)).loss))
+    return sum(losses) / len(losses)
+
+
+def test_finetune_lowers_loss_and_skips_bad_records_by_line(trained, student_dir, llm_dir, data_file):
+    skipped = [json.loads(t) for t in (trained / "skipped.jsonl").read_text().splitlines()]
+    by_line = {row["line"]: row for row in skipped}
+    assert sorted(by_line) == [2, 3, 5, 7]
+    assert by_line[2]["stage"] == "parse" and by_line[3]["stage"] == "parse"
+    assert issubclass(getattr(errors, by_line[5]["error_type"]), errors.VideoError)   # A's classification
+    assert by_line[5]["video"].endswith("junk.mp4")
+    assert by_line[7]["error_type"] == "InputNotFoundError"
+
+    rows = [json.loads(t) for t in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["visual_tokens"] == 2 * (FRAMES // 4) * 4 for r in rows)   # 2 videos x 2 clips x 4 tokens
+    assert {"loss", "lr", "grad_norm", "samples", "skipped", "samples_per_s"} <= set(rows[0])
+
+    torch.manual_seed(0)
+    fresh = VideoLLM.build(student_dir, str(llm_dir), frames=FRAMES).eval()
+    tuned = VideoLLM.from_pretrained(trained)
+    assert tuned.config.frames == FRAMES
+    before, after = _dataset_loss(fresh, data_file), _dataset_loss(tuned, data_file)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_continues_exactly(tmp_path, trained, student_dir, llm_dir, data_file):
+    """Cut the run back to its mid-run checkpoint and resume: later steps and the weights match."""
+    run = tmp_path / "out"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
+    for name in ("adapter", "student", "projector.safetensors", "config.json"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    finetune(_config(student_dir, llm_dir, data_file, run, "--resume"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "samples_per_s", "samples")}
+                          for r in rows]
+    read = lambda d: [json.loads(t) for t in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(read(run)) == strip(read(trained))
+    from safetensors.torch import load_file
+
+    a = load_file(trained / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
+    b = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="lr"):
+        finetune(_config(student_dir, llm_dir, data_file, run, "--resume", "--lr", "1e-3"))
+
+
+def test_generate_cli_end_to_end(trained, data_file):
+    cmd = [sys.executable, "-m", "lma.generate", "--model", str(trained), "--video", str(data_file.parent / "a.mp4"),
+           "--question", "what colour is the square", "--max-new-tokens", "6"]
+    done = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report["time_ms"]) == {"decode", "student", "projector", "prefill", "generation"}
+    assert all(v > 0 for v in report["time_ms"].values())
+    assert report["frames"] == FRAMES and report["visual_tokens"] == (FRAMES // 4) * 4
+    assert 0 < report["new_tokens"] <= 6 and isinstance(report["answer"], str)
+
+    bad = subprocess.run(cmd[:6] + [str(data_file.parent / "junk.mp4")] + cmd[7:], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "cannot read video" in bad.stderr
