@@ -1,0 +1,140 @@
+"""The CTD trainer end to end on CPU: loss falls, exact resume, DDP over 2 gloo processes, the saved
+model loads through the Auto classes, a store that does not fit the model fails at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import student
+from pipeline.config import parse_config
+from student import checkpoint
+from student.data import SchemaMismatchError
+from student.evaluate import evaluate
+from student.loss import distill_loss
+from student.train import TrainConfig, train
+from test_student_data import D, N, write_tiny_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> str:
+    return write_tiny_store(tmp_path_factory.mktemp("train") / "store", videos=8, clips_per_video=3)
+
+
+def _cfg(store: str, out: Path, *extra: str) -> TrainConfig:
+    return parse_config(TrainConfig, ["--data", store, "--output", str(out), "--preset", "tiny", "--batch-size", "4",
+                                      "--lr", "2e-3", "--warmup-steps", "3", "--num-workers", "0", "--log-every", "1",
+                                      "--shuffle-buffer", "6", "--checkpoint-every", "4", *extra])
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_the_run_directory_is_a_model(store_root, tmp_path):
+    out = tmp_path / "run"
+    result = train(_cfg(store_root, out, "--max-steps", "40", "--eval-fraction", "0.25", "--keep-checkpoints", "2"))
+    steps = [r for r in _records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert {"lr", "clips_per_s", "data_wait_frac", "grad_norm"} <= set(steps[0])
+    first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    # The held-out evaluation beats the mean-target predictor.
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev == result["eval"] and ev["clips"] > 0
+    assert ev["r2"] > ev["trivial_r2"] + 0.2 and ev["cosine"] > ev["trivial_cosine"]
+    # DIR is a save_pretrained directory with the store's target statistics.
+    model = AutoModel.from_pretrained(out)
+    assert isinstance(model, student.LiteFrameModel)
+    assert model.config.target_tokens == N and model.config.target_dim == D
+    assert len(model.config.target_mean) == D and model.config.target_std is not None
+    assert [p.name for p in checkpoint.checkpoints(out / "checkpoints")] == ["step-00000036", "step-00000040"]
+    assert any((out / "tb").iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_resume_gives_bit_identical_weights(store_root, tmp_path, fmt):
+    # 24 clips less held-out ones, batch 4: epochs of a few steps, so step 7 is mid-epoch.
+    args = ("--max-steps", "14", "--format", fmt, "--augment", "0.3", "--trace-samples", "--eval-fraction", "0.2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(store_root, a, *args))
+    train(_cfg(store_root, b, *args, "--stop-after", "7"))
+    assert not (b / "model.safetensors").exists()          # stopped, not finished
+    assert checkpoint.latest(b / "checkpoints").name == "step-00000007"
+    train(_cfg(store_root, b, *args, "--resume"))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta = (a / "samples-rank0.jsonl").read_text().splitlines()
+    tb = (b / "samples-rank0.jsonl").read_text().splitlines()
+    assert ta == tb and len(ta) == 14
+    assert [r["step"] for r in _records(b) if "loss" in r] == list(range(1, 15))
+    assert [r["loss"] for r in _records(a) if "loss" in r] == [r["loss"] for r in _records(b) if "loss" in r]
+
+
+def test_ddp_two_gloo_processes(store_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "student.train", "--data", store_root, "--output", str(out), "--preset", "tiny",
+           "--batch-size", "2", "--lr", "2e-3", "--warmup-steps", "2", "--num-workers", "1", "--log-every", "1",
+           "--max-steps", "8", "--checkpoint-every", "4", "--trace-samples", "--shuffle-buffer", "4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = [[json.loads(line) for line in (out / f"samples-rank{r}.jsonl").read_text().splitlines()]
+              for r in range(2)]
+    assert [len(t) for t in traces] == [8, 8]            # both ranks ran every step
+    epoch0 = [c for t in traces for rec in t if rec["epoch"] == 0 for c in rec["clip_id"]]
+    assert len(epoch0) == 2 * 3 * 2 * 2                   # 24 clips: 2 ranks x 6 batches of 2
+    assert len(set(epoch0)) == 24                         # ranks split the epoch without overlap
+    ckpt = load_file(out / "checkpoints" / "step-00000008" / "model.safetensors")
+    final = load_file(out / "model.safetensors")
+    assert all(torch.equal(ckpt[k], final[k]) for k in final)
+    loss = [r["loss"] for r in _records(out) if "loss" in r]
+    assert len(loss) == 8 and loss[-1] < loss[0]
+
+
+def test_store_that_does_not_fit_the_model_fails_at_start(store_root, tmp_path):
+    other = student.config_for_store("tiny", json.loads((Path(store_root) / "store.json").read_text()))
+    other.target_dim, other.target_mean, other.target_std = D + 8, None, None
+    student.LiteFrameModel(other).save_pretrained(tmp_path / "init")
+    with pytest.raises(SchemaMismatchError, match=r"target width: model 24, store 16"):
+        train(_cfg(store_root, tmp_path / "run", "--max-steps", "2", "--init-from", str(tmp_path / "init")))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_clipped_mse_ignores_differences_beyond_three_sigma():
+    target = torch.zeros(1, 2, 2)
+    pred = torch.tensor([[[1.0, 5.0], [-4.0, 0.5]]], requires_grad=True)
+    loss = distill_loss("mse_clip", pred, target, clip_sigma=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((1 + 9 + 9 + 0.25) / 4)
+    assert pred.grad.flatten().tolist() == pytest.approx([0.5, 0.0, 0.0, 0.25])
+    assert distill_loss("mse_clip", pred, target, clip_sigma=0).item() == pytest.approx((1 + 25 + 16 + 0.25) / 4)
+    assert distill_loss("cos_smoothl1", target + 1, target + 1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluation_of_perfect_and_trivial_predictors():
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(D, generator=gen), torch.rand(D, generator=gen) + 0.5
+    targets = torch.randn(3, N, D, generator=gen) * std + mean
+
+    class Oracle(torch.nn.Module):     # predicts the standardised target exactly
+        def forward(self, pixels):
+            return (targets - mean) / std
+
+    batch = {"target": targets, "frames": torch.zeros(3, 1)}
+    r = evaluate(Oracle(), [batch], to_pixels=lambda b: b["frames"], target_mean=mean, target_std=std,
+                 device=torch.device("cpu"))
+    assert r["cosine"] == pytest.approx(1.0, abs=1e-5) and r["r2"] == pytest.approx(1.0)
+    assert r["trivial_r2"] < 0.1 and r["trivial_cosine"] < 0.99 and r["clips"] == 3
