@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -25,13 +23,15 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records
 from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM
 from pipeline.config import parse_config, to_dict
 from pipeline.errors import VideoError
+from student import checkpoint
+from student.metrics import MetricsLog
 
 log = logging.getLogger("lma.finetune")
 
@@ -163,56 +163,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _checkpoints(output: Path) -> list[Path]:
-    root = output / "checkpoints"
-    done = [p for p in root.glob("step-*") if (p / "state.json").exists()] if root.exists() else []
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+class TrainableWeights(nn.Module):
+    """The checkpoint view of a VideoLLM: only the weights training changes (LoRA, projector, an
+    unfrozen student), so `student.checkpoint` stays small instead of copying a frozen 7B LLM."""
+
+    def __init__(self, model: VideoLLM):
+        super().__init__()
+        self.__dict__["model"] = model      # not a submodule: its frozen weights must stay out
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.trainable_state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.model.load_trainable_state_dict(state_dict)
+        return nn.modules.module._IncompatibleKeys([], [])
 
 
-def save_checkpoint(output: Path, model: VideoLLM, opt, sched, step: int, position: Position,
-                    cfg: FinetuneConfig) -> Path:
-    """Write to a temp dir then rename: a checkpoint exists only once complete."""
-    root = output / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model.trainable_state_dict(), tmp / "trainable.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
+def _rng_states() -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
-               tmp / "trainer_state.pt")
-    state = {"step": step, "epoch": position.epoch, "cursor": position.cursor, "config": to_dict(cfg)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _checkpoints(output)[: -max(1, cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return rng
 
 
-def load_checkpoint(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tuple[int, Position]:
-    state = json.loads((path / "state.json").read_text())
+def resume(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tuple[int, Position]:
+    """Restore a checkpoint of the same run (refuses one whose run-defining settings differ)."""
+    state, rng = checkpoint.load(path, TrainableWeights(model), opt)
     now = to_dict(cfg)
     changed = [k for k in _RUN_DEFINING if state["config"].get(k) != now.get(k)]
     if changed:
         raise SystemExit(f"--resume: {', '.join(changed)} differ from checkpoint {path}; "
                          "use a new --output for a different run")
-    model.load_trainable_state_dict(load_file(path / "trainable.safetensors"))
-    trainer = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(trainer["optimizer"])
-    sched.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"]["cpu"])
-    if "cuda" in trainer["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
-    return state["step"], Position(state["epoch"], state["cursor"])
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric rows written after the checkpoint (they are re-done)."""
-    if path.exists():
-        rows = [t for t in path.read_text().splitlines() if t.strip() and json.loads(t)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    return state["step"], Position(state["loader"]["epoch"], state["loader"]["cursor"])
 
 
 def _examples(model: VideoLLM, stream: Iterator, cfg: FinetuneConfig, skipped: SkipLog):
@@ -258,26 +244,29 @@ def finetune(cfg: FinetuneConfig) -> Path:
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
 
     step, start = 0, Position()
-    done = _checkpoints(output)
-    if cfg.resume and done:
-        step, start = load_checkpoint(done[-1], model, opt, sched, cfg)
-        log.info("resumed from %s (step %d)", done[-1], step)
+    ckpt_dir = output / "checkpoints"
+    last = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    if last is not None:
+        step, start = resume(last, model, opt, sched, cfg)
+        log.info("resumed from %s (step %d)", last, step)
     elif cfg.resume:
-        log.info("--resume: no checkpoint in %s, starting fresh", output)
-    metrics = output / "metrics.jsonl"
-    _trim_metrics(metrics, step)
+        log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
+    metrics = MetricsLog(output, True, total, step)
     (output / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     stream = VideoStream(records, cfg, model.config.image_size, skipped, start)
     examples = _examples(model, iter(stream), cfg, skipped)
     model.train()
-    t0, samples = time.perf_counter(), 0
     try:
         while step < total:
+            t0, wait = time.perf_counter(), 0.0
             opt.zero_grad(set_to_none=True)
             loss_sum, visual_tokens, text_tokens = 0.0, 0, 0
             for _ in range(cfg.grad_accum):
-                batch = _micro_batch(model, [next(examples) for _ in range(cfg.batch_size)])
+                t_data = time.perf_counter()
+                items = [next(examples) for _ in range(cfg.batch_size)]
+                wait += time.perf_counter() - t_data
+                batch = _micro_batch(model, items)
                 out = model(**batch)
                 (out.loss / cfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
@@ -287,20 +276,21 @@ def finetune(cfg: FinetuneConfig) -> Path:
             opt.step()
             sched.step()
             step += 1
-            samples += per_step
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "epoch": stream.position.epoch, "loss": loss_sum / cfg.grad_accum,
-                   "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "samples": samples,
-                   "visual_tokens": visual_tokens, "text_tokens": text_tokens,
-                   "skipped": len(skipped.lines), "elapsed_s": round(elapsed, 3),
-                   "samples_per_s": round(samples / elapsed, 4)}
-            with metrics.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            took = time.perf_counter() - t0
+            row = {"epoch": stream.position.epoch, "loss": loss_sum / cfg.grad_accum,
+                   "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                   "videos_per_s": per_step / took, "data_wait_frac": wait / took,
+                   "visual_tokens": visual_tokens, "text_tokens": text_tokens, "skipped": len(skipped.lines)}
+            metrics.log(step, row)
             log.info("step %d/%d loss %.4f lr %.2e", step, total, row["loss"], row["lr"])
             if step % cfg.save_every == 0 or step == total:
-                save_checkpoint(output, model, opt, sched, step, stream.position, cfg)
+                pos = stream.position
+                checkpoint.save(ckpt_dir, step, TrainableWeights(model), opt, {
+                    "step": step, "loader": {"epoch": pos.epoch, "cursor": pos.cursor},
+                    "scheduler": sched.state_dict(), "config": to_dict(cfg)}, _rng_states(), cfg.keep_checkpoints)
     finally:
         stream.close()
+        metrics.close()
     model.save_pretrained(output, merge=cfg.merge)
     log.info("saved %s (%s)", output, "merged LLM" if cfg.merge else "LoRA adapter")
     return output

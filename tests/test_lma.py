@@ -242,7 +242,7 @@ def test_finetune_lowers_loss_and_skips_bad_records_by_line(trained, student_dir
     rows = [json.loads(t) for t in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["visual_tokens"] == 2 * (FRAMES // 4) * 4 for r in rows)   # 2 videos x 2 clips x 4 tokens
-    assert {"loss", "lr", "grad_norm", "samples", "skipped", "samples_per_s"} <= set(rows[0])
+    assert {"loss", "lr", "grad_norm", "epoch", "skipped", "videos_per_s", "data_wait_frac"} <= set(rows[0])
 
     torch.manual_seed(0)
     fresh = VideoLLM.build(student_dir, str(llm_dir), frames=FRAMES).eval()
@@ -261,14 +261,14 @@ def test_resume_continues_exactly(tmp_path, trained, student_dir, llm_dir, data_
         path = run / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     finetune(_config(student_dir, llm_dir, data_file, run, "--resume"))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "samples_per_s", "samples")}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "videos_per_s", "data_wait_frac")}
                           for r in rows]
     read = lambda d: [json.loads(t) for t in (d / "metrics.jsonl").read_text().splitlines()]
     assert strip(read(run)) == strip(read(trained))
     from safetensors.torch import load_file
 
-    a = load_file(trained / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
-    b = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
+    a = load_file(trained / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    b = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="lr"):
         finetune(_config(student_dir, llm_dir, data_file, run, "--resume", "--lr", "1e-3"))
