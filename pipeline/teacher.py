@@ -185,8 +185,20 @@ class Teacher(nn.Module):
 
     # -- compute --------------------------------------------------------------------------------
     def compile_tokens(self, **kwargs: Any) -> None:
-        """torch.compile the per-batch token function (fuses norms, GELU, layer scale, casts)."""
-        self._tokens_fn = torch.compile(self._tokens, **kwargs)
+        """torch.compile the per-batch token function (fuses norms, GELU, layer scale, casts).
+
+        kwargs go to torch.compile; with a CUDA-graph mode ("reduce-overhead") outputs live in graph
+        memory that the next replay overwrites, so `encode` copies them out.
+        """
+        compiled = torch.compile(self._tokens, **kwargs)
+        if kwargs.get("mode") in ("reduce-overhead", "max-autotune"):
+            def replay(pixel_values: torch.Tensor) -> torch.Tensor:
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(pixel_values).clone()
+
+            self._tokens_fn = replay
+        else:
+            self._tokens_fn = compiled
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,533 @@
+"""Extraction speed: the teacher alone, the teacher + compression stage, decode included, Ray vs one process.
+
+    python bench/extract.py --json out.json                   # on an H200: InternViT-300M shape, bf16
+    python bench/extract.py --shape tiny --parts teacher,pipeline,decode,ray    # CPU smoke run / part (4)
+
+Parts (--parts):
+  matmul    the device's measured bf16 matmul rate (8192^3, random data), the ceiling for `teacher`.
+  teacher   Teacher.encode on frames already on the device: frames/s, clips/s, TFLOP/s from the ViT's
+            FLOPs counted analytically, % of the measured matmul rate; per variant (eager SDPA,
+            torch.compile, compile + CUDA graphs) and frames per forward. Each variant's output is
+            compared with eager's (and eager bf16 with float32) on the same frames.
+  pipeline  pipeline.stages.TeacherStage (teacher + WAP + float16 targets back on the host) over clips
+            decoded ahead into host memory, as the Ray actor gets them; efficiency = its clips/s over
+            `teacher` clips/s at the same frames per forward and variant.
+  decode    the same stage fed by pipeline.stages.decode_video (area A's decode_clips) in a process pool
+            of N CPU workers: decode-only clips/s per worker count, then the GPU fed by the pool; the teacher
+            busy fraction and the CPU cores per GPU needed for >= 90% busy (decode + JPEG encode).
+  ray       CPU, tiny teacher: jobs.extract (Ray Data, local cluster) vs the same stages in one process.
+
+Prints a markdown table last; --json writes every number with the device, torch version and commit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.compress import Compression  # noqa: E402
+from pipeline.config import parse_config, to_dict  # noqa: E402
+
+INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      image_size=448, patch_size=14)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=112,
+            patch_size=14)
+# Static shapes: one compiled graph per frames-per-forward, no dynamic-shape kernels.
+VARIANTS = {"eager": None, "compile": {"dynamic": False},
+            "compile-cudagraphs": {"mode": "reduce-overhead", "dynamic": False}}
+
+
+@dataclass
+class BenchConfig:
+    """Extraction throughput benchmark (see the module docstring)."""
+
+    parts: tuple[str, ...] = field(default=("matmul", "teacher", "pipeline", "decode"),
+                                   metadata={"help": "matmul,teacher,pipeline,decode,ray"})
+    shape: str = field(default="internvit-300m", metadata={"help": "internvit-300m | tiny"})
+    device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    variants: tuple[str, ...] = field(default=("eager", "compile"), metadata={"help": ",".join(VARIANTS)})
+    frames_per_forward: tuple[int, ...] = field(default=(64, 128, 256), metadata={"help": "teacher batch sizes"})
+    compile_frames_per_forward: tuple[int, ...] = field(default=(256,),
+                                                        metadata={"help": "batch sizes for compiled variants"})
+    clip_frames: int = field(default=4, metadata={"help": "frames per clip"})
+    seconds: float = field(default=6.0, metadata={"help": "timed seconds per measurement"})
+    pipeline_frames: int = field(default=256, metadata={"help": "frames per forward in pipeline/decode parts"})
+    decode_workers: tuple[int, ...] = field(default=(1, 4, 8, 15), metadata={"help": "process-pool sizes"})
+    decode_seconds: float = field(default=12.0, metadata={"help": "timed seconds per decode measurement"})
+    videos: str = field(default=str(ROOT.parent / "shared" / "videos"), metadata={"help": "videos for decode/ray"})
+    views: int = field(default=2, metadata={"help": "views per video in decode/ray parts"})
+    json: str | None = field(default=None, metadata={"help": "write all results here"})
+
+
+# ------------------------------------------------------------------------------------------ utilities
+def _device(cfg: BenchConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_loop(fn, device: torch.device, seconds: float, min_iters: int = 3) -> tuple[float, int]:
+    """Median seconds per call of `fn` over at least `seconds` (device-synchronised per call)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < seconds:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def vit_flops_per_frame(cfg: dict, tokens: int) -> float:
+    """Multiply-adds x2 of one ViT forward: patch embedding, QKV/out projections, attention, MLP."""
+    d, mlp, layers, p = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["patch_size"]
+    patches = (cfg["image_size"] // p) ** 2
+    per_layer = 2 * tokens * (4 * d * d) + 2 * tokens * (2 * d * mlp) + 2 * 2 * tokens * tokens * d
+    return 2 * patches * (3 * p * p) * d + layers * per_layer
+
+
+def matmul_tflops(device: torch.device, seconds: float) -> dict:
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sec, iters = _time_loop(lambda: a @ b, device, seconds)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n ** 3 / sec / 1e12, "iters": iters}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "pipeline", "bench"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_teacher_dir(directory: Path, shape: dict, device: torch.device) -> Path:
+    """A random-weight InternViT-shaped vision model saved like a real checkpoint (bf16 on GPU)."""
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = InternVLVisionModel(InternVLVisionConfig(**shape))
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.save_pretrained(directory)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": shape["image_size"], "width": shape["image_size"]}, "image_mean": mean,
+         "image_std": std, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}))
+    del model
+    return directory
+
+
+def _load_teacher(path: Path, device: torch.device, variant: str, fpf: int):
+    from pipeline.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf)
+    if VARIANTS[variant] is not None:
+        teacher.compile_tokens(**VARIANTS[variant])
+    return teacher
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((a.double() - b.double())) / torch.linalg.vector_norm(b.double()))
+
+
+# ------------------------------------------------------------------------------------------ parts
+def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, matmul: float | None) -> list:
+    from pipeline.teacher import Teacher
+
+    rows = []
+    size, cfr = shape["image_size"], cfg.clip_frames
+    gen = torch.Generator(device=device).manual_seed(0)
+    eager = Teacher.from_pretrained(path, device=device, batch_size=max(cfg.frames_per_forward))
+    check = torch.randint(0, 256, (2, cfr, size, size, 3), dtype=torch.uint8, device=device, generator=gen)
+    seq = eager.backbone(pixel_values=eager.preprocessing.to_pixel_values(check[0], dtype=eager.dtype)
+                         ).last_hidden_state.shape[1]
+    flops = vit_flops_per_frame(shape, seq)
+    bf16_vs_fp32 = None
+    if eager.dtype != torch.float32:
+        fp32 = Teacher.from_pretrained(path, device=device, dtype=torch.float32)
+        bf16_vs_fp32 = _rel_err(eager.encode(check), fp32.encode(check))
+        del fp32
+    for variant in cfg.variants:
+        try:
+            rows += _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops,
+                                     bf16_vs_fp32)
+        except Exception as e:  # e.g. a compile mode this torch/GPU lacks: report, go on with the others
+            print(f"teacher variant {variant}: FAILED {type(e).__name__}: {e}", flush=True)
+            rows.append({"part": "teacher", "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops, bf16_vs_fp32) -> list:
+    """One variant at each of its batch sizes; eager is also the reference for the others' outputs."""
+    rows = []
+    size, cfr = shape["image_size"], cfg.clip_frames
+    teacher = eager if variant == "eager" else _load_teacher(path, device, variant, 0)
+    sizes = cfg.frames_per_forward if variant == "eager" else cfg.compile_frames_per_forward
+    for fpf in sizes:
+        teacher.batch_size = eager.batch_size = fpf
+        sets = [torch.randint(0, 256, (fpf // cfr, cfr, size, size, 3), dtype=torch.uint8, device=device,
+                              generator=gen) for _ in range(2)]
+        t0 = time.perf_counter()
+        out = teacher.encode(sets[0])      # warm-up (and compilation for this shape)
+        first_call = time.perf_counter() - t0
+        err = _rel_err(out, eager.encode(sets[0])) if teacher is not eager else 0.0
+        del out
+        teacher.encode(sets[1])
+        it = iter(range(1 << 30))
+        sec, iters = _time_loop(lambda: teacher.encode(sets[next(it) % 2]), device, cfg.seconds)
+        fps = fpf / sec
+        tflops = fps * flops / 1e12
+        rows.append({"part": "teacher", "variant": variant, "frames_per_forward": fpf, "frames_per_s": fps,
+                     "clips_per_s": fps / cfr, "tflops": tflops,
+                     "pct_matmul": 100 * tflops / matmul if matmul else None, "iters": iters,
+                     "rel_err_vs_eager": err, "first_call_s": first_call, "tokens_per_frame": seq,
+                     "gflop_per_frame": flops / 1e9, "bf16_vs_fp32_rel_err": bf16_vs_fp32})
+        print(_row_text(rows[-1]), flush=True)
+        del sets
+    return rows
+
+
+def _host_batches(n_batches: int, clips: int, cfr: int, size: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"clip_id": np.array([f"b{b}-c{i}" for i in range(clips)]),
+             "frames": rng.integers(0, 256, (clips, cfr, size, size, 3), dtype=np.uint8)} for b in range(n_batches)]
+
+
+def _stage(path: Path, device: torch.device, variant: str, fpf: int):
+    from pipeline.stages import TeacherStage
+
+    stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
+                         dtype="bfloat16" if device.type == "cuda" else "float32", frames_per_forward=fpf)
+    if VARIANTS[variant] is not None:
+        stage.teacher.compile_tokens(**VARIANTS[variant])
+    return stage
+
+
+def _teacher_rate(rows: list, variant: str, fpf: int) -> float | None:
+    """Teacher-only clips/s for this variant and batch, from part `teacher`, if it ran."""
+    return next((r["clips_per_s"] for r in rows if r["part"] == "teacher" and r["variant"] == variant
+                 and r["frames_per_forward"] == fpf), None)
+
+
+def part_pipeline(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, teacher_rows: list) -> list:
+    rows = []
+    fpf, cfr = cfg.pipeline_frames, cfg.clip_frames
+    batches = _host_batches(3, fpf // cfr, cfr, shape["image_size"])
+    for variant in cfg.variants:
+        stage = _stage(path, device, variant, fpf)
+        for b in batches[:2]:
+            stage(dict(b))
+        it = iter(range(1 << 30))
+        sec, iters = _time_loop(lambda: stage(dict(batches[next(it) % len(batches)])), device, cfg.seconds)
+        clips_s = (fpf // cfr) / sec
+        alone = _teacher_rate(teacher_rows, variant, fpf)
+        rows.append({"part": "pipeline", "variant": variant, "frames_per_forward": fpf, "clips_per_s": clips_s,
+                     "frames_per_s": clips_s * cfr, "teacher_only_clips_per_s": alone,
+                     "efficiency": clips_s / alone if alone else None, "iters": iters})
+        print(_row_text(rows[-1]), flush=True)
+        del stage
+    return rows
+
+
+def _video_list(cfg: BenchConfig) -> list[str]:
+    folder = Path(cfg.videos)
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name != "corrupted.mp4"
+                  and p.suffix.lower() in (".mp4", ".mkv", ".webm", ".ts", ".avi", ".mov"))
+
+
+def _decode_task(uri: str, seed: int, cfr: int, size: int, views: int) -> tuple[list[dict], float, str | None]:
+    """One video (one seed) in a worker: its clips as batches, CPU seconds spent, error type if any."""
+    from pipeline.clips import ClipSpec
+    from pipeline.errors import VideoError
+    from pipeline.stages import DecodeOptions, decode_video
+
+    options = DecodeOptions(clip_spec=ClipSpec(frames=cfr, views=views), size=size, seed=seed)
+    t0 = time.process_time()
+    children0 = os.times()
+    try:
+        batches = list(decode_video(uri, options))
+        error = None
+    except VideoError as e:
+        batches, error = [], type(e).__name__
+    c1 = os.times()
+    cpu = (time.process_time() - t0) + (c1.children_user - children0.children_user) + (
+        c1.children_system - children0.children_system)
+    return batches, cpu, error
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    # spawn: forking a process that holds a CUDA context is unsafe.
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+
+
+def _run_decode(videos: list[str], workers: int, cfg: BenchConfig, size: int, seconds: float,
+                consume=None) -> dict:
+    """Feed (video, seed) tasks to the pool for `seconds`; optional `consume(clip_batch)` on the main thread."""
+    tasks = ((v, seed) for seed in range(1 << 20) for v in videos)
+    clips = 0
+    cpu = 0.0
+    errors = 0
+    busy = 0.0
+    pending_frames: list[np.ndarray] = []
+    sample = None
+    with _pool(workers) as pool:
+        list(pool.map(_noop, range(workers)))          # start-up (imports) outside the timed window
+        inflight = {pool.submit(_decode_task, *next(tasks), cfg.clip_frames, size, cfg.views)
+                    for _ in range(2 * workers)}
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                batches, c, err = fut.result()
+                cpu += c
+                errors += err is not None
+                for b in batches:
+                    sample = b["frames"] if sample is None else sample
+                    if consume is None:
+                        clips += len(b["frames"])
+                    else:
+                        pending_frames.append(b["frames"])
+                inflight.add(pool.submit(_decode_task, *next(tasks), cfg.clip_frames, size, cfg.views))
+            if consume is not None:
+                while sum(len(f) for f in pending_frames) >= consume.clips:
+                    frames = np.concatenate(pending_frames)
+                    batch, rest = frames[: consume.clips], frames[consume.clips:]
+                    pending_frames = [rest] if len(rest) else []
+                    t0 = time.perf_counter()
+                    consume({"frames": batch})
+                    busy += time.perf_counter() - t0
+                    clips += len(batch)
+        wall = time.perf_counter() - start
+        for fut in inflight:
+            fut.cancel()
+    return {"workers": workers, "clips_per_s": clips / wall, "cpu_s_per_clip_est": cpu / max(clips, 1),
+            "errors": errors, "seconds": wall, "teacher_busy": busy / wall if consume is not None else None,
+            "sample": sample}
+
+
+def _noop(_: int) -> None:
+    import pipeline.stages  # noqa: F401  (warm the worker's imports)
+
+
+class _Consumer:
+    def __init__(self, stage, clips: int):
+        self.stage, self.clips = stage, clips
+
+    def __call__(self, batch: dict) -> None:
+        self.stage(batch)
+
+
+def jpeg_seconds_per_clip(frames: np.ndarray, seconds: float = 2.0) -> float:
+    """One core's seconds to JPEG-encode one decoded clip (the store's default frame encoding)."""
+    from pipeline.stages import encode_frames
+
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        encode_frames({"frames": frames})
+        n += len(frames)
+    return (time.perf_counter() - start) / n
+
+
+def part_decode(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, teacher_rows: list) -> list:
+    videos = _video_list(cfg)
+    if not videos:
+        print(f"decode: no videos under {cfg.videos}; skipped", flush=True)
+        return []
+    size, cfr, fpf = shape["image_size"], cfg.clip_frames, cfg.pipeline_frames
+    rows = []
+    sample = None
+    for workers in cfg.decode_workers:
+        r = _run_decode(videos, workers, cfg, size, cfg.decode_seconds)
+        sample = r.pop("sample")
+        rows.append({"part": "decode-only", **r, "clips_per_s_per_worker": r["clips_per_s"] / workers})
+        print(_row_text(rows[-1]), flush=True)
+    jpeg = jpeg_seconds_per_clip(sample)
+    rows.append({"part": "jpeg-encode", "workers": 1, "cpu_s_per_clip": jpeg, "clips_per_s": 1 / jpeg})
+    print(_row_text(rows[-1]), flush=True)
+    variant = cfg.variants[-1]
+    stage = _stage(path, device, variant, fpf)
+    for b in _host_batches(2, fpf // cfr, cfr, size):
+        stage(b)
+    workers = max(cfg.decode_workers)
+    r = _run_decode(videos, workers, cfg, size, cfg.decode_seconds, consume=_Consumer(stage, fpf // cfr))
+    r.pop("sample")
+    alone = _teacher_rate(teacher_rows, variant, fpf)
+    # CPU seconds per clip measured with the whole node decoding (ffmpeg threads included), plus JPEG.
+    full_node = rows[len(cfg.decode_workers) - 1]
+    cpu_per_clip = full_node["cpu_s_per_clip_est"] + jpeg
+    need = 0.9 * alone * cpu_per_clip if alone else None
+    rows.append({"part": "decode+teacher", "variant": variant, **r, "teacher_only_clips_per_s": alone,
+                 "cpu_s_per_clip_decode_jpeg": cpu_per_clip, "cpu_cores_per_gpu_for_90pct": need,
+                 "videos": [Path(v).name for v in videos]})
+    print(_row_text(rows[-1]), flush=True)
+    return rows
+
+
+def part_ray(cfg: BenchConfig, work: Path) -> list:
+    """CPU: jobs.extract on a local Ray vs the same stages chained in this process, same inputs."""
+    from jobs.extract import ExtractConfig, extract, store_schema
+    from pipeline.stages import DecodeOptions, TeacherStage, decode_video, encode_frames, write_shards
+    from pipeline.store import StoreWriter, open_store
+    from pipeline.testing import make_tiny_teacher
+
+    videos = _video_list(cfg)
+    if not videos:
+        print(f"ray: no videos under {cfg.videos}; skipped", flush=True)
+        return []
+    teacher = make_tiny_teacher(work / "tiny", "internvl_vision", image_size=112, hidden_size=64)
+    listing = work / "videos.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"video_uri": videos}), listing)
+    common = dict(input=str(listing), teacher=str(teacher), size=112, views=cfg.views, formats=("webdataset",),
+                  ray_address="local")
+    ray_cfg = ExtractConfig(output=str(work / "ray-store"), **common)
+    t0 = time.perf_counter()
+    summary = extract(ray_cfg)
+    ray_wall = time.perf_counter() - t0
+    ray_clips = open_store(ray_cfg.output).index.num_rows
+
+    local_cfg = ExtractConfig(output=str(work / "local-store"), **common)
+    t0 = time.perf_counter()
+    from jobs.extract import clip_spec, describe_teacher
+
+    store = StoreWriter(local_cfg.output, store_schema(local_cfg, describe_teacher(local_cfg, "float32")))
+    store.prepare()
+    stage = TeacherStage(str(teacher), compression=Compression(), device="cpu", dtype="float32")
+    options = DecodeOptions(clip_spec=clip_spec(local_cfg), size=local_cfg.size, seed=local_cfg.seed)
+
+    def batches():
+        for uri in videos:
+            for batch in decode_video(uri, options):
+                yield encode_frames(stage(batch))
+
+    write_shards(store, batches(), shard_bytes=512 * 10 ** 6)
+    store.finalise()
+    local_wall = time.perf_counter() - t0
+    local_clips = open_store(local_cfg.output).index.num_rows
+    row = {"part": "ray-vs-local", "clips": ray_clips, "ray_wall_s": ray_wall, "ray_clips_per_s": ray_clips / ray_wall,
+           "ray_pipeline_clips_per_s": summary.get("clips_per_second"), "local_clips": local_clips,
+           "local_wall_s": local_wall, "local_clips_per_s": local_clips / local_wall,
+           "ray_over_local": (ray_clips / ray_wall) / (local_clips / local_wall), "videos": len(videos)}
+    print(_row_text(row), flush=True)
+    return [row]
+
+
+# ------------------------------------------------------------------------------------------ report
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def _row_text(row: dict) -> str:
+    return "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, list))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"device: {result['device']}; torch {result['torch']}; commit {result['commit']}; {result['date']}"]
+    if result.get("matmul"):
+        m = result["matmul"]
+        lines.append(f"measured {m['dtype']} matmul ({m['n']}^3): {m['tflops']:.3g} TFLOP/s")
+    for name, why in result.get("failed", {}).items():
+        lines.append(f"part {name} FAILED: {why}")
+    cols = {
+        "teacher": ["variant", "frames_per_forward", "frames_per_s", "clips_per_s", "tflops", "pct_matmul",
+                    "rel_err_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
+        "pipeline": ["variant", "frames_per_forward", "clips_per_s", "teacher_only_clips_per_s", "efficiency"],
+        "decode-only": ["workers", "clips_per_s", "clips_per_s_per_worker", "cpu_s_per_clip_est", "errors"],
+        "jpeg-encode": ["workers", "cpu_s_per_clip", "clips_per_s"],
+        "decode+teacher": ["variant", "workers", "clips_per_s", "teacher_only_clips_per_s", "teacher_busy",
+                           "cpu_s_per_clip_decode_jpeg", "cpu_cores_per_gpu_for_90pct"],
+        "ray-vs-local": ["clips", "ray_clips_per_s", "local_clips_per_s", "ray_over_local", "ray_wall_s",
+                         "local_wall_s"],
+    }
+    for part, names in cols.items():
+        rows = [r for r in result["rows"] if r["part"] == part]
+        if not rows:
+            continue
+        lines += ["", f"**{part}**", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+        lines += ["| " + " | ".join(_fmt(r.get(n)) for n in names) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BenchConfig, argv)
+    device = _device(cfg)
+    shape = INTERNVIT_300M if cfg.shape == "internvit-300m" else TINY
+    torch.set_grad_enabled(False)
+    result: dict[str, Any] = {
+        "config": to_dict(cfg), "shape": shape, "torch": torch.__version__, "commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host_cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "rows": []}
+    if device.type == "cuda":
+        result["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
+    matmul = None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "matmul" in cfg.parts:
+            result["matmul"] = matmul_tflops(device, min(cfg.seconds, 3.0))
+            matmul = result["matmul"]["tflops"]
+            print(f"matmul: {matmul:.1f} TFLOP/s", flush=True)
+        need_model = {"teacher", "pipeline", "decode"} & set(cfg.parts)
+        path = make_teacher_dir(work / "teacher", shape, device) if need_model else None
+        parts = {"teacher": lambda: part_teacher(cfg, path, shape, device, matmul),
+                 "pipeline": lambda: part_pipeline(cfg, path, shape, device, result["rows"]),
+                 "decode": lambda: part_decode(cfg, path, shape, device, result["rows"]),
+                 "ray": lambda: part_ray(cfg, work)}
+        for name, run in parts.items():
+            if name not in cfg.parts:
+                continue
+            try:
+                result["rows"] += run()
+            except Exception as e:  # a failed part is reported, the others still run
+                import traceback
+
+                traceback.print_exc()
+                result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+                print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
+    print(markdown(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
