@@ -74,7 +74,8 @@ class BenchConfig:
     decode_seconds: float = field(default=12.0, metadata={"help": "timed seconds per decode measurement"})
     videos: str = field(default=str(ROOT.parent / "shared" / "videos"), metadata={"help": "videos for decode/ray"})
     views: int = field(default=2, metadata={"help": "views per video in decode/ray parts"})
-    json: str | None = field(default=None, metadata={"help": "write all results here"})
+    json: str | None = field(default=None, metadata={"help": "write all results here (after every part)"})
+    commit: str | None = field(default=None, metadata={"help": "commit measured, where the copy has no .git"})
 
 
 # ------------------------------------------------------------------------------------------ utilities
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = INTERNVIT_300M if cfg.shape == "internvit-300m" else TINY
     torch.set_grad_enabled(False)
     result: dict[str, Any] = {
-        "config": to_dict(cfg), "shape": shape, "torch": torch.__version__, "commit": _git_commit(),
+        "config": to_dict(cfg), "shape": shape, "torch": torch.__version__, "commit": cfg.commit or _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host_cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "rows": []}
@@ -523,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
                 traceback.print_exc()
                 result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
                 print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            if cfg.json:
+                Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result), flush=True)
