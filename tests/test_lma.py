@@ -288,3 +288,16 @@ def test_generate_cli_end_to_end(trained, data_file):
     bad = subprocess.run(cmd[:6] + [str(data_file.parent / "junk.mp4")] + cmd[7:], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "cannot read video" in bad.stderr
+
+
+@pytest.mark.slow
+def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, student_dir, llm_dir, data_file, capsys):
+    from jobs.lma_finetune import main
+
+    out = tmp_path / "ray_out"
+    main(["--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(out),
+          "--frames", str(FRAMES), "--max-steps", "2", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"output": str(out.resolve())}
+    assert [json.loads(t)["step"] for t in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert {2, 3} <= {json.loads(t)["line"] for t in (out / "skipped.jsonl").read_text().splitlines()}
