@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing
 log = logging.getLogger(__name__)
 
 HEADS = ("none", "projector")
+NAFLEX_FAMILIES = ("siglip2_vision_model",)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
 
@@ -41,7 +43,8 @@ class Teacher(nn.Module):
     def __init__(self, backbone: nn.Module, *, preprocessing: Preprocessing, patch_size: int, layer: int,
                  num_layers: int, head: str = "none", projector: nn.Module | None = None,
                  downsample_ratio: float = 1.0, dim: int, name_or_path: str = "", revision: str | None = None,
-                 family: str = "", batch_size: int = 256, interpolate_pos_encoding: bool = False):
+                 family: str = "", batch_size: int = 256, interpolate_pos_encoding: bool = False,
+                 patch_inputs: bool = False):
         super().__init__()
         if head not in HEADS:
             raise TeacherError(f"head must be one of {HEADS}, got {head!r}")
@@ -65,6 +68,8 @@ class Teacher(nn.Module):
         self.grid = (int(self.patch_grid[0] * scale), int(self.patch_grid[1] * scale))
         self.dim = dim
         self._forward_kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+        # SigLIP2 (NaFlex) takes flattened patches + their grid instead of images.
+        self.patch_inputs = patch_inputs
         self._captured: torch.Tensor | None = None
         self._tokens_fn = self._tokens
         if layer != -1:
@@ -135,8 +140,14 @@ class Teacher(nn.Module):
                 checkpoint.load_into(projector, hint="multi_modal_projector")
 
         patch_size = _first(vision_config.patch_size)
-        native = _first(getattr(vision_config, "image_size", 0) or 0)
         pre_dir = _local_file(name_or_path, PREPROCESSOR_CONFIG, revision)
+        patch_inputs = vision_config.model_type in NAFLEX_FAMILIES
+        if patch_inputs:
+            # A square frame filling the processor's patch budget (the model's num_patches by default).
+            budget = _read_json(pre_dir).get("max_num_patches") or vision_config.num_patches
+            native = int(math.isqrt(int(budget))) * patch_size
+        else:
+            native = _first(getattr(vision_config, "image_size", 0) or 0)
         preprocessing = Preprocessing.from_pretrained(
             pre_dir.parent if pre_dir is not None else None, default_size=native or None,
             size=image_size, image_mean=image_mean, image_std=image_std)
@@ -148,7 +159,7 @@ class Teacher(nn.Module):
                       num_layers=num_layers, head=head, projector=projector, downsample_ratio=ratio, dim=dim,
                       name_or_path=name_or_path, revision=revision or _snapshot_revision(pre_dir),
                       family=str(vision_config.model_type), batch_size=batch_size,
-                      interpolate_pos_encoding=interpolate)
+                      interpolate_pos_encoding=interpolate, patch_inputs=patch_inputs)
         teacher = teacher.to(device=device, dtype=dtype)
         if compile:
             teacher.compile_tokens()
@@ -221,7 +232,7 @@ class Teacher(nn.Module):
         return self._tokens_fn(pixel_values)
 
     def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(pixel_values=pixel_values, **self._forward_kwargs)
+        out = self.backbone(**self._backbone_inputs(pixel_values), **self._forward_kwargs)
         if self.layer == -1:
             hidden = out.last_hidden_state
         else:
@@ -236,6 +247,18 @@ class Teacher(nn.Module):
             hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=self.downsample_ratio)
             hidden = self.projector(hidden)
         return hidden.float()
+
+    def _backbone_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.patch_inputs:
+            return {"pixel_values": pixel_values}
+        n, c = pixel_values.shape[:2]
+        (gh, gw), p = self.patch_grid, self.patch_size
+        # Row-major patches, each flattened (row, column, channel) as Siglip2ImageProcessor does.
+        patches = (pixel_values.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
+                   .reshape(n, gh * gw, p * p * c))
+        shapes = torch.tensor([[gh, gw]], device=pixel_values.device).expand(n, 2)
+        mask = torch.ones(n, gh * gw, dtype=torch.int32, device=pixel_values.device)
+        return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         self._captured = output[0] if isinstance(output, (tuple, list)) else output
@@ -305,6 +328,10 @@ def _local_file(name_or_path: str, filename: str, revision: str | None) -> Path 
         return Path(hf_hub_download(name_or_path, filename, revision=revision))
     except EntryNotFoundError:
         return None
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path is not None else {}
 
 
 def _snapshot_revision(path: Path | None) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("internvl", "internvl_vision", "siglip", "clip", "dinov2", "dinov2_registers", "vit")
+FAMILIES = ("internvl", "internvl_vision", "siglip", "siglip2", "clip", "dinov2", "dinov2_registers", "vit")
 
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 _CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
@@ -30,8 +30,8 @@ def make_tiny_teacher(directory: str | Path, family: str = "internvl", *, image_
     """
     from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
                               Dinov2WithRegistersModel, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLVisionConfig, InternVLVisionModel, SiglipVisionConfig, SiglipVisionModel,
-                              ViTConfig, ViTModel)
+                              InternVLVisionConfig, InternVLVisionModel, Siglip2VisionConfig, Siglip2VisionModel,
+                              SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -53,6 +53,12 @@ def make_tiny_teacher(directory: str | Path, family: str = "internvl", *, image_
     elif family == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(**vit))
         processor = {"size": {"height": image_size, "width": image_size}, "image_mean": _HALF[0],
+                     "image_std": _HALF[1], "resample": 2}
+    elif family == "siglip2":
+        patches = (image_size // patch_size) ** 2
+        naflex = {k: v for k, v in vit.items() if k != "image_size"}
+        model = Siglip2VisionModel(Siglip2VisionConfig(**naflex, num_patches=patches))
+        processor = {"patch_size": patch_size, "max_num_patches": patches, "image_mean": _HALF[0],
                      "image_std": _HALF[1], "resample": 2}
     elif family == "clip":
         text = dict(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,

@@ -176,3 +176,19 @@ def test_batching_does_not_change_results(teachers):
         whole.encode(frames.astype(np.float32))
     with pytest.raises(ValueError, match=r"\[B, T, H, W, 3\]"):
         whole.encode(frames[0])
+
+
+def test_siglip2_naflex_patches_match_transformers(tmp_path):
+    path = make_tiny_teacher(tmp_path / "siglip2", "siglip2", image_size=SIZE)
+    teacher = Teacher.from_pretrained(path)
+    assert teacher.image_size == SIZE and teacher.grid == (4, 4) and teacher.family == "siglip2_vision_model"
+    frames = _frames(1, 2)
+    out = teacher.encode(frames)
+    pixels = _pixels(teacher, frames)
+    # Independent patchify: patch (i, j) flattened as (row, column, channel), rows of patches first.
+    patches = torch.stack([torch.stack([pixels[n, :, i * 14:(i + 1) * 14, j * 14:(j + 1) * 14].permute(1, 2, 0)
+                                        .reshape(-1) for i in range(4) for j in range(4)]) for n in range(2)])
+    with torch.no_grad():
+        ref = _hf_vision(path)(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16, dtype=torch.int32),
+                               spatial_shapes=torch.tensor([[4, 4], [4, 4]])).last_hidden_state
+    torch.testing.assert_close(out.reshape(2, 16, 32), ref, rtol=1e-5, atol=1e-5)
