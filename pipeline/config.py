@@ -116,19 +116,21 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", help="YAML file with config fields; flags override it")
     for f in _fields(cls).values():
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = f.metadata.get("help", "")
         shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        suffix = "(required)" if required else f"(default: {shown})"
         tp, _ = _unwrap_optional(f.type)
         if tp is bool:
             parser.add_argument(_flag(f), dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {shown})")
+                                help=f"{help_text} {suffix}")
             parser.add_argument("--no-" + _flag(f)[2:], dest=f.name, action="store_const", const="false",
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             parser.add_argument(_flag(f), dest=f.name, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {shown})")
+                                help=f"{help_text} {suffix}")
     return parser
 
 
