@@ -98,6 +98,10 @@ class FFmpeg:
             n += k
         return True
 
+    def chunks(self, size: int = 1 << 22):
+        """stdout in pieces of at most `size` bytes, for streams too big to hold."""
+        return iter(lambda: self.proc.stdout.read(size), b"")
+
     def read_all(self) -> bytes:
         return self.proc.stdout.read()
 

@@ -57,12 +57,14 @@ def frame_times(seconds: float, fps: float, vfr: bool = False) -> np.ndarray:
 
 def make_video(path, seconds: float = 2.0, fps: float = 10, size=(128, 96), codec: str = "libx264",
                gop: int | None = None, rotation: int = 0, vfr: bool = False, index_coded: bool = True,
-               timeout: float = 600.0) -> Path:
+               noise: int = 0, timeout: float = 600.0) -> Path:
     """Write a synthetic video; `size` is (width, height) as DISPLAYED.
 
     rotation: clockwise display rotation stored as display-matrix metadata (the pixels are stored
     turned the other way, so a player that honours the metadata shows the frame upright).
-    vfr: frame intervals follow `frame_times(..., vfr=True)`."""
+    vfr: frame intervals follow `frame_times(..., vfr=True)`.
+    noise: strength (0-100) of temporal grain, so the codec works about as hard as on camera footage
+    (benchmarks); the index code survives moderate noise (<= 20)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if rotation not in (0, 90, 180, 270):
@@ -80,6 +82,8 @@ def make_video(path, seconds: float = 2.0, fps: float = 10, size=(128, 96), code
         code = ffmpeg.input("pipe:", f="rawvideo", pix_fmt="gray", s=f"{GRID}x{GRID}", r=fps)
         code = code.filter("scale", side, side, flags="neighbor")
         video = ffmpeg.overlay(video, code, x=(cw - side) // 2, y=(ch - side) // 2, eof_action="endall")
+    if noise:
+        video = video.filter("noise", alls=noise, allf="t")
     out_opts = dict(_CODEC_ARGS.get(codec, {}))
     out_opts["vcodec"] = codec
     out_opts["frames:v"] = n

@@ -37,7 +37,7 @@ from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, N
 from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, open_error
 
 RESIZE_POLICIES = ("shorter_center_crop", "squash", "pad")
-SEEK_GAP_S = 1.0  # seek (new ffmpeg run) only when it skips more than this much video: a run costs ~30 ms
+SEEK_GAP_S = 10.0  # seek (a new ffmpeg run, ~40 ms) only past this much video that needs no packet
 _GRAPH_ARG_MAX = 32_000  # longer filter graphs go through a file (Linux caps one argument at 128 KiB)
 
 
@@ -67,13 +67,16 @@ class Frames:
 
 @dataclass(frozen=True)
 class _FrameTable:
-    """Exact presentation times (container clock, seconds, sorted, unique) and keyframe flags."""
+    """The frames of the video stream in presentation order (unique pts): container-clock times,
+    keyframe flags and, when the packets allow it, decode timestamps and reference flags."""
 
-    times: np.ndarray
-    key: np.ndarray
-    seekable: bool  # keyframes known: input seeking may be used
+    times: np.ndarray  # float64 seconds, sorted
+    key: np.ndarray  # bool: decoding may start here
+    dts: np.ndarray | None  # int64 per frame; None: packets unusable for seeking and dropping
+    ref: np.ndarray | None  # bool per frame: may other frames reference it; None: unknown (assume so)
     from_decoder: bool
     format_start: float = 0.0  # container start time: ffmpeg's -ss counts from it
+    codec: str = ""
 
 
 def video_id(uri: str) -> str:
@@ -99,6 +102,11 @@ _TABLES: "OrderedDict[tuple, tuple[_FrameTable, VideoInfo]]" = OrderedDict()
 _TABLES_MAX = 64
 
 
+def clear_probe_cache() -> None:
+    """Forget cached frame tables (benchmarks measuring cold probes; long-lived workers)."""
+    _TABLES.clear()
+
+
 def _cache_key(uri: str, path: str) -> tuple:
     st = os.stat(path)
     return (str(uri), path, st.st_size, st.st_mtime_ns)
@@ -120,7 +128,7 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
     deadline = time.monotonic() + timeout
     cmd = (
         ffmpeg.input(path, copyts=None)["V:0"]
-        .output("pipe:", c="copy", f="framecrc")
+        .output("pipe:", c="copy", copyinkf=None, f="framecrc")
         .compile(cmd="ffmpeg")[1:]
     )
     with FFmpeg(cmd, uri, timeout) as ff:
@@ -131,19 +139,24 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
     truncated = [m for m in TRUNCATION_MARKERS if m in err.lower()]
     if truncated:
         raise CorruptVideoError(uri, f"truncated file ({truncated[0]}): the container ends before its data does")
-    tb, pts, key_flags = _parse_framecrc(out)
+    tb, dts, pts, key_flags = _parse_framecrc(out)
     if rc != 0 and not pts:
         raise CorruptVideoError(uri, f"no readable video packet ({error_lines(err)})")
     if not pts or any(p is None for p in pts):
         table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()))
     else:
-        table = _table(np.asarray(pts, dtype=np.int64), tb, np.asarray(key_flags, bool), from_decoder=False)
-    table = dataclasses.replace(table, format_start=header["format_start"])
+        table = _table(pts, dts, tb, key_flags, from_decoder=False)
+    table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"])
     info = _info(uri, header, table)
+    _remember(key, table, info)
+    return table, info
+
+
+def _remember(key: tuple, table: _FrameTable, info: VideoInfo) -> None:
     _TABLES[key] = (table, info)
+    _TABLES.move_to_end(key)
     while len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
-    return table, info
 
 
 def _decoder_table(uri: str, path: str, stream: int, timeout: float) -> _FrameTable:
@@ -161,30 +174,39 @@ def _decoder_table(uri: str, path: str, stream: int, timeout: float) -> _FrameTa
         out = ff.read_all()
         ff.wait()
         err = ff.stderr
-    tb, pts, _ = _parse_framecrc(out)
+    tb, _, pts, _ = _parse_framecrc(out)
     pts = [p for p in pts if p is not None]
     if not pts:
         raise CorruptVideoError(uri, f"no frame could be decoded ({error_lines(err)})")
-    key = np.zeros(len(pts), bool)
-    return _table(np.asarray(pts, dtype=np.int64), tb, key, from_decoder=True)
+    return _table(pts, None, tb, [False] * len(pts), from_decoder=True)
 
 
-def _table(pts: np.ndarray, tb: Fraction, key: np.ndarray, from_decoder: bool) -> _FrameTable:
-    order = np.argsort(pts, kind="stable")
-    pts, key = pts[order], key[order]
-    uniq, first = np.unique(pts, return_index=True)
-    key = np.logical_or.reduceat(key, first) if len(pts) else key
-    times = uniq.astype(np.float64) * (tb.numerator / tb.denominator)
-    key = key.copy()
-    key[0] = True  # decoding always starts somewhere before the first frame
-    return _FrameTable(times=times, key=key, seekable=not from_decoder, from_decoder=from_decoder)
+def _table(pts: list[int], dts: list[int | None] | None, tb: Fraction, key: list[bool],
+           from_decoder: bool) -> _FrameTable:
+    """Frames sorted by pts. Decode timestamps are kept only when they identify packets exactly
+    (present, strictly increasing, one packet per pts): the packet filter and seeks rely on that."""
+    p = np.asarray(pts, dtype=np.int64)
+    k = np.asarray(key, bool).copy()
+    usable = (dts is not None and len(dts) == len(p) and all(d is not None for d in dts)
+              and len(np.unique(p)) == len(p))
+    d = np.asarray(dts, dtype=np.int64) if usable else None
+    if d is not None and not np.all(np.diff(d) > 0):
+        d = None
+    order = np.argsort(p, kind="stable")
+    p, k = p[order], k[order]
+    uniq, first = np.unique(p, return_index=True)
+    k = np.logical_or.reduceat(k, first)
+    k[0] = True  # decoding always starts somewhere before the first frame
+    return _FrameTable(times=uniq.astype(np.float64) * (tb.numerator / tb.denominator), key=k,
+                       dts=None if d is None else d[order], ref=None, from_decoder=from_decoder)
 
 
 _NOPTS = -(2**63)
 
 
-def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[bool]]:
-    tb, pts, key = Fraction(1, 1), [], []
+def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[int | None], list[bool]]:
+    """(time base, dts, pts, keyframe flag) per packet, in file (decode) order."""
+    tb, dts, pts, key = Fraction(1, 1), [], [], []
     for line in out.decode("ascii", "replace").splitlines():
         if line.startswith("#tb 0:"):
             tb = Fraction(line.split(":", 1)[1].strip())
@@ -192,11 +214,94 @@ def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[bool]]
             f = [x.strip() for x in line.split(",")]
             if len(f) < 6:
                 continue
-            p = int(f[2])
+            d, p = int(f[1]), int(f[2])
+            dts.append(None if d == _NOPTS else d)
             pts.append(None if p == _NOPTS else p)
             flags = next((x for x in f[6:] if x.startswith("F=")), None)
             key.append(flags is None or bool(int(flags[2:], 16) & 1))
-    return tb, pts, key
+    return tb, dts, pts, key
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+# Annex B access-unit delimiter types and how to tell a picture nothing refers to.
+_AUD = {"h264": 9, "hevc": 35}
+
+
+def _with_refs(uri: str, path: str, table: _FrameTable, info: VideoInfo, timeout: float) -> _FrameTable:
+    """Add per-frame reference flags for H.264/HEVC, read from NAL headers (no decoding).
+
+    One stream copy to Annex B with an access-unit delimiter per packet; a picture is unreferenced
+    when every slice has nal_ref_idc 0 (H.264), or is a sub-layer non-reference slice in the highest
+    temporal layer (HEVC). Such frames are dropped before decoding unless requested: exact, and
+    typically 30-50% of an H.264 stream with B-frames. On any doubt the flags stay unknown."""
+    if table.dts is None or table.ref is not None or table.codec not in _AUD:
+        return table
+    codec = table.codec
+    bsf = "h264_metadata=aud=insert" if codec == "h264" else "hevc_metadata=aud=insert"
+    cmd = (
+        ffmpeg.input(path, copyts=None)[str(info.stream)]
+        .output("pipe:", c="copy", copyinkf=None, f=codec, **{"bsf:v": bsf})
+        .compile(cmd="ffmpeg")[1:]
+    )
+    units: list[tuple[bool, int]] = []  # per packet: (unreferenced candidate, temporal id)
+    with FFmpeg(cmd, uri, timeout) as ff:
+        scan = _NalScan(codec, units)
+        for chunk in ff.chunks():
+            scan.feed(chunk)
+        scan.close()
+        rc = ff.wait()
+    if rc != 0 or len(units) != len(table.times):
+        return dataclasses.replace(table, ref=np.ones(len(table.times), bool))
+    cand = np.array([u[0] for u in units])
+    tid = np.array([u[1] for u in units])
+    unref = cand & (tid == tid.max()) if codec == "hevc" else cand
+    by_frame = np.empty(len(units), bool)
+    by_frame[np.argsort(table.dts)] = ~unref  # packets are in dts order; frames in pts order
+    return dataclasses.replace(table, ref=by_frame)
+
+
+class _NalScan:
+    """Streaming Annex B scan: for each access unit, whether no slice is referenced, and its
+    temporal id. Start codes cannot occur inside NAL payloads (emulation prevention)."""
+
+    def __init__(self, codec: str, units: list):
+        self.hevc = codec == "hevc"
+        self.units = units
+        self.tail = b""
+        self.cur: list | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.tail + chunk
+        arr = np.frombuffer(data, np.uint8)
+        if len(arr) < 6:
+            self.tail = data
+            return
+        hits = np.flatnonzero((arr[:-5] == 0) & (arr[1:-4] == 0) & (arr[2:-3] == 1)) + 3
+        for h in hits:
+            self._nal(data[h], data[h + 1])
+        self.tail = data[len(arr) - 5:]
+
+    def close(self) -> None:
+        if self.cur is not None:
+            self.units.append(tuple(self.cur))
+
+    def _nal(self, b0: int, b1: int) -> None:
+        if self.hevc:
+            kind, tid = (b0 >> 1) & 0x3F, (b1 & 7) - 1
+            if kind == 35:
+                self.close()
+                self.cur = [True, 0]
+            elif kind < 32 and self.cur is not None:  # a slice
+                self.cur[0] &= kind < 16 and kind % 2 == 0
+                self.cur[1] = max(self.cur[1], tid)
+        else:
+            kind, ref_idc = b0 & 0x1F, (b0 >> 5) & 3
+            if kind == 9:
+                self.close()
+                self.cur = [True, 0]
+            elif kind in (1, 5) and self.cur is not None:
+                self.cur[0] &= ref_idc == 0
 
 
 _STREAM = re.compile(r"^\s*Stream #0:(\d+)(?:\[0x[0-9a-fA-F]+\])?(?:\([^)]*\))?: (\w+): (.*)$")
@@ -336,58 +441,112 @@ def _nearest(rel: np.ndarray, req: np.ndarray) -> np.ndarray:
     return np.where(np.abs(req - rel[lo]) <= np.abs(rel[hi] - req), lo, hi)
 
 
-def _select_expr(times: np.ndarray, idx: np.ndarray, eps: float) -> str:
-    """A select expression true exactly on the frames `idx` (sorted table indices).
-
-    Consecutive frames collapse into one `between`; runs are searched as a balanced `if` tree, so
-    each decoded frame costs O(log runs) to test even for thousands of wanted frames."""
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(idx)]]) - 1
-    runs = [(float(times[idx[s]] - eps), float(times[idx[e]] + eps)) for s, e in zip(starts, ends)]
+def _in_ranges(var: str, ranges: Sequence[tuple]) -> str:
+    """An ffmpeg expression true when `var` lies in one of the sorted, disjoint [a, b] ranges: a
+    balanced `if` tree, so each test costs O(log ranges) even for thousands of ranges."""
 
     def tree(lo: int, hi: int) -> str:
         if hi - lo == 1:
-            a, b = runs[lo]
-            return f"between(t,{a!r},{b!r})"
+            a, b = ranges[lo]
+            return f"between({var},{a!r},{b!r})"
         mid = (lo + hi) // 2
-        return f"if(lt(t,{runs[mid][0]!r}),{tree(lo, mid)},{tree(mid, hi)})"
+        return f"if(lt({var},{ranges[mid][0]!r}),{tree(lo, mid)},{tree(mid, hi)})"
 
-    # A frame repeated with the same time (some AVI streams) is delivered once.
-    return f"{tree(0, len(runs))}*not(eq(t,prev_selected_t))"
-
-
-def _segments(table: _FrameTable, idx: np.ndarray, seek_gap: float) -> list[tuple[np.ndarray, float | None]]:
-    """Group wanted frames into ffmpeg runs: a new run (with a seek) when it skips > seek_gap of video."""
-    if not table.seekable:
-        return [(idx, None)]
-    kf = np.maximum.accumulate(np.where(table.key, np.arange(len(table.key)), 0))
-    t = table.times
-    groups, begin = [], 0
-    for j in range(1, len(idx)):
-        k = kf[idx[j]]
-        if k > idx[j - 1] and t[k] - t[idx[j - 1]] > seek_gap:
-            groups.append(idx[begin:j])
-            begin = j
-    groups.append(idx[begin:])
-    return [(g, float(t[kf[g[0]]]) if kf[g[0]] > 0 else None) for g in groups]
+    return tree(0, len(ranges))
 
 
-def _run(path: str, uri: str, info: VideoInfo, fmt_start: float, times: np.ndarray, idx: np.ndarray,
-         seek: float | None, eps: float, chain: list[tuple], out: np.ndarray, threads: int,
-         deadline: float) -> tuple[int, str]:
-    """One ffmpeg run delivering frames `idx` into `out`; returns (frames delivered, stderr)."""
+def _runs_of(values: np.ndarray, keys: np.ndarray) -> list[tuple]:
+    """[(values[first], values[last])] for each run of consecutive integers in sorted `keys`."""
+    breaks = np.flatnonzero(np.diff(keys) != 1) + 1
+    starts = np.concatenate([[0], breaks]).astype(int)
+    ends = np.concatenate([breaks, [len(keys)]]).astype(int) - 1
+    return [(values[s], values[e]) for s, e in zip(starts, ends)]
+
+
+def _select_expr(times: np.ndarray, idx: np.ndarray, eps: float) -> str:
+    """True exactly on the frames `idx` (sorted table indices); consecutive frames share one range.
+    A frame repeated with the same time (some AVI streams) is delivered once."""
+    ranges = [(float(a - eps), float(b + eps)) for a, b in _runs_of(times[idx], idx)]
+    return f"{_in_ranges('t', ranges)}*not(eq(t,prev_selected_t))"
+
+
+@dataclass
+class _Run:
+    """One ffmpeg process: the frames it delivers, where it seeks, which packets it decodes."""
+
+    frames: np.ndarray  # table indices, presentation order
+    seek: float | None = None  # container time of the keyframe to seek to
+    keep: list[tuple[int, int]] | None = None  # dts ranges of the packets to decode; None: all
+
+
+MAX_KEEP_RANGES = 1000  # the packet filter is one command-line argument (Linux caps those at 128 KiB)
+
+
+def _plan(table: _FrameTable, wanted: np.ndarray, seek_gap: float) -> list[_Run]:
+    """Which packets to decode for the wanted frames, grouped into ffmpeg runs.
+
+    A wanted frame needs the packets from the keyframe before it (in presentation order, which
+    also covers open-GOP leading pictures) up to itself in decode order; of those, unreferenced
+    ones other than wanted frames are skipped. Runs are split where more than `seek_gap` seconds
+    of video need nothing (the next run seeks there) or where the filter would grow too long."""
+    if table.dts is None:
+        return [_Run(wanted)]
+    n = len(table.times)
+    kf = np.maximum.accumulate(np.where(table.key, np.arange(n), 0))
+    by_dts = np.argsort(table.dts)  # decode position -> frame
+    dts_dec = table.dts[by_dts]
+    pos = np.empty(n, int)
+    pos[by_dts] = np.arange(n)  # frame -> decode position
+    needed_ref = np.ones(n, bool) if table.ref is None else table.ref[by_dts]
+    target = np.zeros(n, bool)
+    target[pos[wanted]] = True
+    lo, hi = np.minimum(pos[kf[wanted]], pos[wanted]), pos[wanted]
+    order = np.argsort(lo, kind="stable")
+    spans: list[list] = []  # merged [lo, hi, [frames]]
+    for i in order:
+        if spans and lo[i] <= spans[-1][1] + 1:
+            spans[-1][1] = max(spans[-1][1], hi[i])
+            spans[-1][2].append(wanted[i])
+        else:
+            spans.append([lo[i], hi[i], [wanted[i]]])
+    runs: list[_Run] = []
+    frames: list = []
+    keep: list = []
+    prev_hi = None
+    for a, b, fr in spans:
+        positions = np.arange(a, b + 1)
+        positions = positions[needed_ref[a:b + 1] | target[a:b + 1]]
+        ranges = [(int(x), int(y)) for x, y in _runs_of(dts_dec[positions], positions)]
+        gap = prev_hi is not None and table.times[by_dts[a]] - table.times[by_dts[prev_hi]] > seek_gap
+        if frames and (gap or len(keep) + len(ranges) > MAX_KEEP_RANGES):
+            runs.append(_Run(np.sort(np.array(frames)), seek, keep))
+            frames, keep = [], []
+        if not frames:
+            seek = float(table.times[by_dts[a]]) if a > 0 else None
+        frames += fr
+        keep += ranges
+        prev_hi = b
+    runs.append(_Run(np.sort(np.array(frames)), seek, keep))
+    return runs
+
+
+def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, slots: np.ndarray,
+         eps: float, chain: list[tuple], out: np.ndarray, threads: int, deadline: float) -> tuple[int, str]:
+    """One ffmpeg process delivering `run.frames` into `out[slots]`; returns (frames delivered, stderr)."""
     in_opts = {"copyts": None, "noautorotate": None, "threads": threads}
-    if seek is not None:
-        in_opts.update(ss=f"{max(0.0, seek - fmt_start - 5e-4):.6f}", noaccurate_seek=None)
-    stream = ffmpeg.input(path, **in_opts)[str(info.stream)].filter("select", _select_expr(times, idx, eps))
+    if run.seek is not None:
+        in_opts.update(ss=f"{max(0.0, run.seek - table.format_start - 5e-4):.6f}", noaccurate_seek=None)
+    if run.keep is not None:
+        in_opts["bsf:v"] = f"noise=drop='not({_in_ranges('dts', run.keep)})'"
+    stream = ffmpeg.input(path, **in_opts)[str(info.stream)].filter(
+        "select", _select_expr(table.times, run.frames, eps))
     for name, kw in chain:
         stream = stream.filter(name, **kw)
     cmd = stream.output("pipe:", f="rawvideo", pix_fmt="rgb24", fps_mode="passthrough").global_args(
         "-xerror", "-loglevel", "error").compile(cmd="ffmpeg")[1:]
     graph_file = None
-    if "-filter_complex" in cmd and len(cmd[cmd.index("-filter_complex") + 1]) > _GRAPH_ARG_MAX:
-        i = cmd.index("-filter_complex")
+    i = cmd.index("-filter_complex")
+    if len(cmd[i + 1]) > _GRAPH_ARG_MAX:
         fd, graph_file = tempfile.mkstemp(suffix=".ffgraph")
         with os.fdopen(fd, "w") as f:
             f.write(cmd[i + 1])
@@ -398,12 +557,9 @@ def _run(path: str, uri: str, info: VideoInfo, fmt_start: float, times: np.ndarr
     got = 0
     try:
         with FFmpeg(cmd, uri, remaining) as ff:
-            for got in range(len(idx)):
-                if not ff.read_into(out[got]):
-                    break
-            else:
-                got = len(idx)
-            if got == len(idx):
+            while got < len(slots) and ff.read_into(out[slots[got]]):
+                got += 1
+            if got == len(slots):
                 ff.close()  # every wanted frame arrived: stop decoding the rest of the file
             else:
                 ff.wait()
@@ -411,7 +567,7 @@ def _run(path: str, uri: str, info: VideoInfo, fmt_start: float, times: np.ndarr
     finally:
         if graph_file:
             os.unlink(graph_file)
-    if got == 0 and ("Error initializing filter" in err or "Error parsing" in err):
+    if got == 0 and ("Error initializing filter" in err or "Error parsing" in err or "Error applying" in err):
         raise RuntimeError(f"{uri}: ffmpeg rejected the decode graph (a bug, not the input): {error_lines(err)}")
     return got, err
 
@@ -423,6 +579,7 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
 
     timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video.
     threads: ffmpeg decoder threads, 0 = ffmpeg's choice (all cores).
+    seek_gap: seconds of video needing no packet beyond which a new ffmpeg run seeks ahead.
     Raises a `VideoError` subclass for every bad input; the URI is in the message."""
     uri = str(uri)
     req = np.asarray(timestamps, dtype=np.float64).reshape(-1)
@@ -442,19 +599,22 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         rel = table.times - table.times[0]
         pick = _nearest(rel, req)
         uniq, inverse = np.unique(pick, return_inverse=True)
+        if attempt == "packets" and table.ref is None and table.dts is not None and len(uniq) < len(rel):
+            table = _with_refs(uri, path, table, info, max(1.0, deadline - time.monotonic()))
+            _remember(_cache_key(uri, path), table, probed)
         gaps = np.diff(table.times)
         eps = float(min(1e-3, 0.25 * gaps.min())) if len(gaps) else 1e-3
         frames = np.empty((len(uniq), H, W, 3), np.uint8)
         short = None
-        for seg, seek in _segments(table, uniq, seek_gap):
-            pos = int(np.searchsorted(uniq, seg[0]))
-            view = frames[pos:pos + len(seg)]
-            got, err = _run(path, uri, info, table.format_start, table.times, seg, seek, eps, chain, view, threads, deadline)
-            if got < len(seg) and seek is not None:  # the seek may have landed badly: from the start
-                got, err = _run(path, uri, info, table.format_start, table.times, seg, None, eps, chain, view, threads,
+        for run in _plan(table, uniq, seek_gap):
+            slots = np.searchsorted(uniq, run.frames)
+            got, err = _run(path, uri, info, table, run, slots, eps, chain, frames, threads, deadline)
+            if got < len(slots) and (run.seek is not None or run.keep is not None):
+                # A seek that landed badly, or a decoder unhappy with skipped packets: plain decode.
+                got, err = _run(path, uri, info, table, _Run(run.frames), slots, eps, chain, frames, threads,
                                 deadline)
-            if got < len(seg):
-                short = (seg, got, err)
+            if got < len(slots):
+                short = (run.frames, got, err)
                 break
         if short is None:
             return Frames(frames[inverse], rel[pick].astype(np.float64), box)
@@ -462,9 +622,9 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
             break
         # Packet times may disagree with what the decoder outputs: ask the decoder once.
         table = dataclasses.replace(_decoder_table(uri, path, info.stream, max(1.0, deadline - time.monotonic())),
-                                    format_start=table.format_start)
-    seg, got, err = short
-    missing_t = float(table.times[seg[got]] - table.times[0])
+                                    format_start=table.format_start, codec=table.codec)
+    wanted, got, err = short
+    missing_t = float(table.times[wanted[got]] - table.times[0])
     raise CorruptVideoError(
-        uri, f"decoding stopped before the frame at {missing_t:.3f} s ({got} of {len(seg)} frames of a run "
+        uri, f"decoding stopped before the frame at {missing_t:.3f} s ({got} of {len(wanted)} frames of a run "
         f"delivered): corrupt or truncated stream ({error_lines(err) or 'stream ended early'})")

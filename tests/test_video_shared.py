@@ -71,9 +71,10 @@ def test_hevc_ts_start_time_and_relative_timestamps(shared_videos):
 
 
 def test_corrupted_mp4_documented_behaviour(shared_videos):
-    """corrupted.mp4 (decord's broken file): its header lists 50 frames; H.264 decoding fails with
-    'Invalid NAL unit size' at 2.8 s. Frames before the damage are returned; a request that needs a
-    frame at or after it raises CorruptVideoError naming the file (never concealed garbage)."""
+    """corrupted.mp4 (decord's broken file): its header lists 50 frames; one packet is damaged
+    ('Invalid NAL unit size'; plain decoding stops after 2.7 s). A request is served when none of the
+    packets its frames need (keyframe to frame, in decode order) is damaged, bit-exact; otherwise
+    CorruptVideoError naming the file. Never concealed garbage."""
     path = shared_videos / "corrupted.mp4"
     if not path.exists():
         pytest.skip("corrupted.mp4 absent")
@@ -81,7 +82,24 @@ def test_corrupted_mp4_documented_behaviour(shared_videos):
     assert info.num_frames == 50 and (info.width, info.height) == (1280, 720)
     good = decode_frames(str(path), np.arange(0, 2.75, 0.1), size=32)
     np.testing.assert_allclose(good.timestamps, np.arange(28) / 10, atol=1e-6)
-    for req in ([2.8], [0.0, 4.5]):
+    for req in ([3.0], [4.5], [0.0, 4.5]):
         with pytest.raises(CorruptVideoError) as e:
             decode_frames(str(path), req, size=32)
         assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["bottle-detection.mp4", "hevc.ts", "again.mkv", "big_buck_bunny_0_30.webm"])
+def test_sparse_requests_are_pixel_identical_to_a_full_decode(shared_videos, name):
+    """Sparse decodes skip unreferenced packets, packets past the last wanted frame and (with a
+    small seek gap) seek between keyframes: none of it may change a single pixel."""
+    path = shared_videos / name
+    if not path.exists():
+        pytest.skip(f"{name} absent")
+    info = probe(str(path))
+    rng = np.random.default_rng(0)
+    picks = np.unique(np.concatenate([np.arange(3, info.num_frames, 11), rng.integers(0, info.num_frames, 9)]))
+    ref = reference_frames(path, info.stream, 96, 54)
+    for seek_gap in (0.0, 1e9):
+        got = decode_frames(str(path), picks / info.avg_fps, size=(54, 96), resize="squash", seek_gap=seek_gap)
+        bad = [int(p) for p, f in zip(picks, got.frames) if not np.array_equal(f, ref[p])]
+        assert not bad, f"frames {bad} differ from a full decode (seek_gap={seek_gap})"
