@@ -136,35 +136,70 @@ class Bench:
                 block.temporal.weight.normal_(0, 0.02)
         return model.to(self.device)
 
+    def encoder(self, base: LiteFrameModel, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The student's encode function for one variant (compiled ones lazily, at their first call)."""
+        if name == "eager":
+            return _cast(base, self.dtype).encode
+        spec = VARIANTS[name]
+        # Dynamo caches compiled code per function and does not guard on the attention backend.
+        torch._dynamo.reset()
+        return FastEncoder(base, dtype=self.dtype, mode=spec.get("mode"), dynamic=spec.get("dynamic", True)).encode
+
     def student(self) -> None:
         base = self.student_model()
         cfg = base.config
-        eager = _cast(base, self.dtype)
-        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager": eager.encode}
         for name in self.args.variants.split(","):
-            if name == "eager":
-                continue
-            spec = VARIANTS[name]
-            with spec.get("sdpa", _null)():
-                variants[name] = FastEncoder(base, dtype=self.dtype, mode=spec.get("mode"),
-                                             dynamic=spec.get("dynamic", True)).encode
-        size = cfg.image_hw
-        for frames in self.args.frames:
-            x = torch.randn(1, frames, 3, *size, device=self.device, dtype=self.dtype)
-            flops = student_flops(cfg, frames)
-            for name, fn in variants.items():
+            fn = self.encoder(base, name)
+            spec = VARIANTS.get(name, {})
+            for frames in spec.get("frames") or self.args.frames:
                 if self.left() < 30:
                     self.record(section="student", variant=name, frames=frames, skipped="budget")
                     continue
-                spec = VARIANTS.get(name, {})
+                x = torch.randn(1, frames, 3, *cfg.image_hw, device=self.device, dtype=self.dtype)
+                flops = student_flops(cfg, frames)
                 t0 = time.monotonic()
-                with torch.inference_mode(), spec.get("sdpa", _null)():
-                    fn(x)  # compile / autotune for this shape, outside the timing
-                    ms = median_ms(lambda: fn(x), self.device)
+                try:
+                    with torch.inference_mode(), spec.get("sdpa", _null)():
+                        fn(x)  # compile / autotune for this shape, outside the timing
+                        ms = median_ms(lambda: fn(x), self.device)
+                except Exception as e:  # e.g. an attention backend this device lacks
+                    self.record(section="student", variant=name, frames=frames, error=_short(e))
+                    break
                 self.record(section="student", variant=name, frames=frames, ms=ms, ms_per_frame=ms / frames,
                             tflops=flops / ms / 1e9, gflop_per_frame=flops / frames / 1e9,
                             first_call_s=time.monotonic() - t0)
-            del x
+                del x
+            del fn
+
+    def profile(self) -> None:
+        """Where the student's time goes: device time per kernel, eager vs compiled, one 64-frame pass."""
+        from torch.profiler import ProfilerActivity, profile
+
+        base = self.student_model()
+        frames = 8 if self.args.tiny else 64
+        x = torch.randn(1, frames, 3, *base.config.image_hw, device=self.device, dtype=self.dtype)
+        activities = [ProfilerActivity.CUDA] if self.device.type == "cuda" else [ProfilerActivity.CPU]
+        for name in ("eager", "compiled"):
+            fn = self.encoder(base, name)
+            with torch.inference_mode():
+                fn(x)
+                fn(x)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                with profile(activities=activities) as prof:
+                    for _ in range(3):
+                        fn(x)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+            kernels = [(e.key, _self_device_us(e), e.count) for e in prof.key_averages()]
+            kernels = sorted([k for k in kernels if k[1] > 0], key=lambda k: -k[1])
+            total = sum(k[1] for k in kernels) or 1.0
+            groups: dict[str, float] = {}
+            for key, us, _ in kernels:
+                groups[_kernel_group(key)] = groups.get(_kernel_group(key), 0.0) + us
+            self.record(section="profile", variant=name, frames=frames, ms=total / 3e3,
+                        groups={g: round(100 * us / total, 1) for g, us in sorted(groups.items(), key=lambda i: -i[1])},
+                        top=[[k[:90], round(100 * us / total, 1), n // 3] for k, us, n in kernels[:18]])
 
     def teacher(self) -> None:
         from transformers import InternVLVisionConfig, InternVLVisionModel
@@ -201,14 +236,13 @@ class Bench:
         x = torch.randn(1, frames, 3, *base.config.image_hw, device=self.device)
         with torch.inference_mode():
             ref = base.encode(x)
-            for name in ("eager-lowp", *[v for v in self.args.variants.split(",") if v != "eager"]):
-                if name == "eager-lowp":
-                    out = _cast(base, self.dtype).encode(x.to(self.dtype))
-                else:
-                    spec = VARIANTS[name]
-                    with spec.get("sdpa", _null)():
-                        fast = FastEncoder(base, dtype=self.dtype, mode=spec.get("mode"), dynamic=spec.get("dynamic", True))
-                        out = fast.encode(x)
+            for name in self.args.variants.split(","):
+                try:
+                    with VARIANTS.get(name, {}).get("sdpa", _null)():
+                        out = self.encoder(base, name)(x.to(self.dtype))
+                except Exception as e:
+                    self.record(section="check", variant=name, frames=frames, error=_short(e))
+                    continue
                 rel = ((out.float() - ref).norm() / ref.norm()).item()
                 self.record(section="check", variant=name, frames=frames, dtype=str(self.dtype), rel_err_vs_fp32=rel)
 
@@ -247,7 +281,7 @@ class Bench:
         print("|---|---|---|---|---|---|---|---|")
         for r in self.rows:
             n = r.get("frames", r.get("batch_clips", r.get("shape", "")))
-            note = r.get("skipped") or (f"rel err {r['rel_err_vs_fp32']:.2e}" if "rel_err_vs_fp32" in r else "")
+            note = r.get("skipped") or r.get("error") or (json.dumps(r["groups"]) if "groups" in r else "") or (f"rel err {r['rel_err_vs_fp32']:.2e}" if "rel_err_vs_fp32" in r else "")
             if "clips_per_s" in r:
                 note = f"{r['clips_per_s']:.1f} clips/s"
             print(f"| {r['section']} | {r.get('variant', '')} | {n} | {r.get('ms', '')} | {r.get('ms_per_frame', '')} "
@@ -260,6 +294,28 @@ def _null():
     return nullcontext()
 
 
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+
+
+def _self_device_us(event) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def _kernel_group(name: str) -> str:
+    n = name.lower()
+    for group, marks in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+                         ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "mm_", "triton_tem")),
+                         ("conv", ("conv", "implicit")), ("copy", ("copy", "cat", "elementwise_kernel_with")),
+                         ("fused", ("triton_",)), ("norm", ("norm",))):
+        if any(m in n for m in marks):
+            return group
+    return "other"
+
+
 def _sdpa(*backends: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return lambda: sdpa_kernel([getattr(SDPBackend, b) for b in backends])
@@ -270,8 +326,8 @@ VARIANTS: dict[str, dict] = {
     "compiled-static": {"dynamic": False},
     "compiled-cudnn": {"sdpa": _sdpa("CUDNN_ATTENTION")},
     "compiled-flash": {"sdpa": _sdpa("FLASH_ATTENTION")},
-    "autotune": {"mode": "max-autotune-no-cudagraphs", "dynamic": False},
-    "cudagraphs": {"mode": "reduce-overhead", "dynamic": False},
+    "autotune": {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "frames": [256]},
+    "cudagraphs": {"mode": "reduce-overhead", "dynamic": False, "frames": [32]},
 }
 
 
@@ -289,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher-variants", default="eager,compiled")
     ap.add_argument("--train-variants", default="eager,compiled")
     ap.add_argument("--train-batch", type=int, default=32, help="clips per training step")
-    ap.add_argument("--sections", default="matmul,student,teacher,check,train")
+    ap.add_argument("--sections", default="matmul,student,teacher,check,train", help="also: profile")
     ap.add_argument("--budget-s", type=float, default=380.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
@@ -307,13 +363,13 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     bench.record(**env)
-    minimum = {"matmul": 5, "student": 60, "teacher": 60, "check": 60, "train": 90}
+    minimum = {"profile": 60, "matmul": 5, "student": 60, "teacher": 60, "check": 60, "train": 90}
     for name in args.sections.split(","):
         if bench.section(name, minimum[name]):
             try:
                 getattr(bench, name)()
             except Exception as e:  # one failing section must not lose the others' numbers
-                bench.record(section=name, error=f"{type(e).__name__}: {e}"[:500])
+                bench.record(section=name, error=_short(e))
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
     bench.table()
