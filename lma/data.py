@@ -118,8 +118,10 @@ def resolve_video(video: str, base: str) -> str:
 
 def read_records(uri: str, placeholder: str = VIDEO_PLACEHOLDER) -> tuple[list[VideoRecord], list[RecordError]]:
     """All usable records of a JSONL file (local or any fsspec URL), and one error per bad line."""
+    from pipeline.remote import storage_options
+
     base = posixpath.dirname(uri)
-    with fsspec.open(uri, "rt", encoding="utf-8", errors="replace") as f:
+    with fsspec.open(uri, "rt", encoding="utf-8", errors="replace", **storage_options(uri)) as f:
         lines = f.read().splitlines()
     records, errors = [], []
     for n, text in enumerate(lines, start=1):

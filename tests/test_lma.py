@@ -101,7 +101,7 @@ def data_file(tmp_path_factory) -> Path:
 def _config(student_dir, llm_dir, data_file, output, *extra) -> FinetuneConfig:
     return parse_config(FinetuneConfig, [
         "--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(output),
-        "--frames", str(FRAMES), "--max-steps", str(STEPS), "--grad-accum", "2", "--lr", "1e-2", "--warmup-ratio", "0",
+        "--frames", str(FRAMES), "--max-steps", str(STEPS), "--batch-size", "2", "--lr", "1e-2", "--warmup-ratio", "0",
         "--save-every", str(STEPS // 2), "--seed", "1", *extra])
 
 
@@ -296,7 +296,7 @@ def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, student_dir, llm_
 
     out = tmp_path / "ray_out"
     main(["--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(out),
-          "--frames", str(FRAMES), "--max-steps", "2", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
+          "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"output": str(out.resolve())}
     assert [json.loads(t)["step"] for t in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -340,3 +340,36 @@ def test_bf16_cuda_train_step_and_greedy(student_dir, llm_dir):
         out = model(prompt.input_ids[None], mask, prompt.visual_mask[None], model.visual_embeds(frames), use_cache=True)
         tokens = model.greedy(out.logits, out.past_key_values, mask, 5)
     assert len(tokens) <= 5
+
+
+@pytest.mark.slow
+def test_finetune_reads_jsonl_and_videos_from_s3(tmp_path, monkeypatch, student_dir, llm_dir, data_file):
+    """`--data s3://...` against moto's S3 server; relative video paths resolve inside the bucket."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for key, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "testing"),
+                           ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                           ("LITEFRAME_VIDEO_CACHE", str(tmp_path / "cache"))):
+            monkeypatch.setenv(key, value)
+        fs = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}")
+        fs.mkdir("lma")
+        for name in ("train.jsonl", "a.mp4", "junk.mp4"):
+            fs.put(str(data_file.parent / name), f"lma/set/{name}")
+        records, _ = read_records("s3://lma/set/train.jsonl")
+        assert records[0].video == "s3://lma/set/a.mp4"
+        out = tmp_path / "out"
+        finetune(parse_config(FinetuneConfig, [
+            "--student", str(student_dir), "--llm", str(llm_dir), "--data", "s3://lma/set/train.jsonl",
+            "--output", str(out), "--frames", str(FRAMES), "--max-steps", "1", "--batch-size", "2"]))
+        assert json.loads((out / "metrics.jsonl").read_text())["visual_tokens"] == 2 * (FRAMES // 4) * 4
+    finally:
+        server.stop()
