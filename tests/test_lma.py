@@ -373,3 +373,17 @@ def test_finetune_reads_jsonl_and_videos_from_s3(tmp_path, monkeypatch, student_
         assert json.loads((out / "metrics.jsonl").read_text())["visual_tokens"] == 2 * (FRAMES // 4) * 4
     finally:
         server.stop()
+
+
+def test_unfrozen_student_gets_gradients_and_is_saved(tmp_path, student_dir, llm_dir):
+    model = VideoLLM.build(student_dir, str(llm_dir), train_student=True)
+    frames = torch.randint(0, 256, (8, 112, 112, 3), dtype=torch.uint8)
+    model(**_batch(model, frames), visual=model.visual_embeds(frames)).loss.backward()
+    grads = [p.grad for p in model.student.parameters() if p.requires_grad]
+    assert grads and sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    with torch.no_grad():
+        model.student.patch_embed.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VideoLLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.student.patch_embed.weight, model.student.patch_embed.weight)
+    assert not any(p.requires_grad for p in loaded.student.parameters())
