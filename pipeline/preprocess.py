@@ -94,10 +94,7 @@ class Preprocessing:
         Frames are moved to `device` as uint8 (4x fewer bytes than float), resized there only when
         their size differs from `self.size`, and normalised with one fused multiply-add.
         """
-        with warnings.catch_warnings():
-            # Read-only arrays (e.g. from PIL) are only read here, never written.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.as_tensor(frames)
+        x = as_tensor(frames)
         if x.shape[-1] != 3:
             raise ValueError(f"expected channels-last RGB frames [..., H, W, 3], got shape {tuple(x.shape)}")
         x = x.to(device, non_blocking=True) if device is not None else x
@@ -113,6 +110,13 @@ class Preprocessing:
         bias = torch.tensor([-m / s for m, s in zip(self.image_mean, self.image_std)], device=x.device, dtype=work)
         x = torch.addcmul(bias.view(1, 3, 1, 1), x, scale.view(1, 3, 1, 1))
         return x.to(dtype).reshape(*lead, 3, *self.size)
+
+
+def as_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A zero-copy tensor view of frames; read-only arrays (PIL's, Ray's object store) are only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(frames)
 
 
 def resize(images: torch.Tensor, size: Sequence[int], resample: str = "bicubic") -> torch.Tensor:

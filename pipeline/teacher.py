@@ -12,22 +12,24 @@ CLS/register tokens dropped. Blocks after the chosen layer are removed rather th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing
+from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing, as_tensor
 
 log = logging.getLogger(__name__)
 
 HEADS = ("none", "projector")
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")
 NAFLEX_FAMILIES = ("siglip2_vision_model",)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
@@ -44,7 +46,7 @@ class Teacher(nn.Module):
                  num_layers: int, head: str = "none", projector: nn.Module | None = None,
                  downsample_ratio: float = 1.0, dim: int, name_or_path: str = "", revision: str | None = None,
                  family: str = "", batch_size: int = 256, interpolate_pos_encoding: bool = False,
-                 patch_inputs: bool = False):
+                 patch_inputs: bool = False, attention_backends: Sequence[str] | None = None):
         super().__init__()
         if head not in HEADS:
             raise TeacherError(f"head must be one of {HEADS}, got {head!r}")
@@ -70,6 +72,11 @@ class Teacher(nn.Module):
         self._forward_kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
         # SigLIP2 (NaFlex) takes flattened patches + their grid instead of images.
         self.patch_inputs = patch_inputs
+        unknown = set(attention_backends or ()) - set(ATTENTION_BACKENDS)
+        if unknown:
+            raise TeacherError(f"unknown attention backends {sorted(unknown)}; choose from {ATTENTION_BACKENDS}")
+        self.attention_backends = tuple(attention_backends or ())
+        self._copy_stream: torch.cuda.Stream | None = None
         self._captured: torch.Tensor | None = None
         self._tokens_fn = self._tokens
         if layer != -1:
@@ -84,7 +91,7 @@ class Teacher(nn.Module):
                         dtype: torch.dtype | str | None = None, image_size: int | None = None,
                         image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                         attn_implementation: str = "sdpa", batch_size: int = 256,
-                        compile: bool = False) -> "Teacher":
+                        attention_backends: Sequence[str] | None = None, compile: bool = False) -> "Teacher":
         """Load a teacher; see the module docstring for what checkpoints are accepted.
 
         layer: HF `hidden_states` index — 1..L is the output of that block, -1 the model's
@@ -92,6 +99,8 @@ class Teacher(nn.Module):
         head: "none" (backbone tokens) or "projector" (InternVL pixel shuffle + MLP projector, so
             targets live in the LLM's input space).
         image_size/image_mean/image_std override preprocessor_config.json.
+        batch_size: frames per forward pass. attention_backends: SDPA kernels by priority, e.g.
+            ("cudnn", "flash"); None leaves torch's choice. compile: torch.compile the forward.
         """
         from transformers import AutoConfig, AutoModel
 
@@ -159,7 +168,8 @@ class Teacher(nn.Module):
                       num_layers=num_layers, head=head, projector=projector, downsample_ratio=ratio, dim=dim,
                       name_or_path=name_or_path, revision=revision or _snapshot_revision(pre_dir),
                       family=str(vision_config.model_type), batch_size=batch_size,
-                      interpolate_pos_encoding=interpolate, patch_inputs=patch_inputs)
+                      interpolate_pos_encoding=interpolate, patch_inputs=patch_inputs,
+                      attention_backends=attention_backends)
         teacher = teacher.to(device=device, dtype=dtype)
         if compile:
             teacher.compile_tokens()
@@ -222,10 +232,46 @@ class Teacher(nn.Module):
         if str(frames.dtype).removeprefix("torch.") != "uint8":
             raise ValueError(f"expected uint8 frames, got {frames.dtype}")
         b, t = frames.shape[:2]
-        pixels = self.preprocessing.to_pixel_values(frames, device=self.device, dtype=self.dtype).flatten(0, 1)
-        out = [self._tokens_fn(chunk) for chunk in pixels.split(self.batch_size)]
+        flat = frames.reshape(b * t, *frames.shape[2:])
+        with self._attention():
+            out = [self._tokens_fn(self.preprocessing.to_pixel_values(chunk, device=self.device, dtype=self.dtype))
+                   for chunk in self._device_chunks(flat)]
         tokens = out[0] if len(out) == 1 else torch.cat(out)
         return tokens.view(b, t, *self.grid, self.dim)
+
+    def _device_chunks(self, frames: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:
+        """`batch_size`-frame chunks on the device, consumed lazily by `encode`.
+
+        Host frames bound for a GPU go through pinned memory and a side stream, so chunk i+1 is
+        uploaded while the GPU computes chunk i and only the first upload is not hidden.
+        """
+        spans = range(0, frames.shape[0], self.batch_size)
+        on_device = isinstance(frames, torch.Tensor) and frames.device == self.device
+        if self.device.type != "cuda" or on_device:
+            yield from (frames[s:s + self.batch_size] for s in spans)
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        for s in spans:
+            host = as_tensor(frames[s:s + self.batch_size])
+            pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            pinned.copy_(host)
+            with torch.cuda.stream(self._copy_stream):
+                chunk = pinned.to(self.device, non_blocking=True)
+            compute.wait_stream(self._copy_stream)
+            chunk.record_stream(compute)
+            yield chunk
+
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """SDPA kernels in the order asked for (e.g. cuDNN's Hopper kernel before FlashAttention-2)."""
+        if not self.attention_backends:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        return sdpa_kernel([names[n] for n in self.attention_backends], set_priority=True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised [N, 3, H, W] -> float32 [N, h, w, D]."""

@@ -192,3 +192,12 @@ def test_siglip2_naflex_patches_match_transformers(tmp_path):
         ref = _hf_vision(path)(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16, dtype=torch.int32),
                                spatial_shapes=torch.tensor([[4, 4], [4, 4]])).last_hidden_state
     torch.testing.assert_close(out.reshape(2, 16, 32), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_backend_choice_keeps_outputs(teachers):
+    frames = _frames(1, 2)
+    default = Teacher.from_pretrained(teachers["siglip"]).encode(frames)
+    math_only = Teacher.from_pretrained(teachers["siglip"], attention_backends=("math",))
+    torch.testing.assert_close(math_only.encode(frames), default, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TeacherError, match="unknown attention backends"):
+        Teacher.from_pretrained(teachers["siglip"], attention_backends=("fast",))
