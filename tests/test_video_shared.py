@@ -33,7 +33,7 @@ EXPECTED = {
 def reference_frames(path, stream, width, height) -> np.ndarray:
     """Every frame as plain ffmpeg (autorotate on, no seeking, no select) delivers it."""
     out = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-vf",
-                          f"scale={width}:{height}:flags=bicubic", "-fps_mode", "passthrough", "-f", "rawvideo",
+                          f"scale={width}:{height}:flags=bicubic,scale=flags=bicubic", "-fps_mode", "passthrough", "-f", "rawvideo",
                           "-pix_fmt", "rgb24", "-"], capture_output=True, check=True, timeout=120).stdout
     return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
 
