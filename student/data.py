@@ -20,10 +20,12 @@ where the run was resumed. The WebDataset order depends on `num_workers` and the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -73,9 +75,21 @@ class StoreInfo:
         return self._urls[shard]
 
     def __post_init__(self) -> None:
+        formats = self.store.schema.get("formats", ["webdataset"])
         urls = {u.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar"): u
-                for u in self.store.shard_urls(format="webdataset")}
+                for u in (self.store.shard_urls(format="webdataset") if "webdataset" in formats else [])}
         self._urls = [urls.get(s) for s in self.shards]
+        self._pid = os.getpid()
+
+    def local_store(self) -> Any:
+        """The store with a filesystem made in this process: s3fs (async fsspec) objects do not
+        survive the fork into DataLoader workers."""
+        if self._pid != os.getpid():
+            from pipeline.store import filesystem
+
+            fs, _ = filesystem(self.root, self.store.storage_options)
+            self.store, self._pid = dataclasses.replace(self.store, fs=fs), os.getpid()
+        return self.store
 
 
 def read_store(root: str) -> StoreInfo:
@@ -267,7 +281,7 @@ def _wds_samples(info: StoreInfo, shard: int) -> Iterator[dict[str, bytes]]:
     url = info.shard_url(shard)
     if url is None:
         raise StoreContentError(f"{info.root}: shard {info.shards[shard]} is in the index but has no tar")
-    with info.store.fs.open(url, "rb") as stream:
+    with info.local_store().fs.open(url, "rb") as stream:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
@@ -318,7 +332,7 @@ class _Zarr:
         from pipeline.store import decode_target
 
         if shard not in self.groups:
-            self.groups[shard] = self.info.store.zarr_group(self.info.shards[shard])
+            self.groups[shard] = self.info.local_store().zarr_group(self.info.shards[shard])
         g = self.groups[shard]
         key = self.info.clip_ids[shard][row]
         stored = str(g["clip_id"][row])
@@ -434,6 +448,10 @@ class TrainData:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.augment = shuffle_buffer, augment
         self.keep = [~h for h in heldout] if heldout is not None else None
+        formats = info.store.schema.get("formats", list(FORMATS))
+        if fmt not in formats:
+            raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(formats)}): "
+                                    f"pick --format {formats[0]}")
 
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.info.counts, self.keep, fmt=self.fmt, seed=self.seed, epoch=epoch,

@@ -201,3 +201,35 @@ def test_heldout_split_is_by_video(info):
     videos_kept = {v for vids, h in zip(info.video_ids, held) for v, x in zip(vids, h) if not x}
     assert videos_held and videos_kept and not videos_held & videos_kept
     assert [h.tolist() for h in held] == [h.tolist() for h in sd.heldout_mask(info, 0.3)]
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """moto's S3 server on 127.0.0.1, reached through the usual AWS_* variables."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+def test_streams_from_s3_like_from_disk(s3_env, info):
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"]).mkdir("bucket")
+    remote = sd.read_store(write_tiny_store("s3://bucket/store"))     # same seed: the same clips
+    assert remote.shard_url(0).startswith("s3://")
+    for fmt, workers in (("webdataset", 2), ("zarr", 0)):
+        _, here = _read(info, fmt, workers=workers, epoch=1)
+        _, there = _read(remote, fmt, workers=workers, epoch=1)
+        assert [b["clip_id"] for b in here] == [b["clip_id"] for b in there]
+        assert all(torch.equal(a["frames"], b["frames"]) and torch.equal(a["target"], b["target"])
+                   for a, b in zip(here, there))
