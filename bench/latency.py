@@ -99,42 +99,50 @@ def prefill(model, visual: torch.Tensor, text_tokens: int) -> torch.Tensor:
     return model.lm_head(out.last_hidden_state[:, -1:])
 
 
-@torch.inference_mode()
-def baseline_rows(model, vit: dict, frames: int, timer: Timer, args, device, dtype) -> list[dict]:
-    size = model.config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    pixels = torch.randn(frames, 3, size, size, device=device, dtype=dtype)
-    times = {}
-    for name, tower in vit.items():
-        times[name], feats = timer(lambda: tower(pixel_values=pixels).last_hidden_state)
+class Bench:
+    """Rows of the table. Projector and prefill depend only on the token count, so they are timed
+    once per (model, frames) and shared by the eager and compiled ViT rows."""
 
-    def project():
-        x = feats[:, 1:]                       # drop CLS: 1024 patches per frame
-        side = int(x.shape[1] ** 0.5)
-        x = model.model.pixel_shuffle(x.reshape(frames, side, side, -1), model.config.downsample_ratio)
-        return model.model.multi_modal_projector(x.reshape(frames, -1, x.shape[-1]))
+    def __init__(self, model, student, projector, timer: Timer, args, device, dtype):
+        self.model, self.student, self.projector = model, student, projector
+        self.timer, self.args, self.device, self.dtype = timer, args, device, dtype
+        self.after_vit: dict[tuple[str, int], dict] = {}
 
-    proj_ms, visual = timer(project)
-    text = args.prompt_tokens + args.marker_tokens * frames
-    prefill_ms, _ = timer(lambda: prefill(model, visual, text))
-    return [{"model": BASELINE, "vit": name, "frames": frames, "visual_tokens": visual.shape[0] * visual.shape[1],
-             "text_tokens": text, "vit_ms": ms, "projector_ms": proj_ms, "prefill_ms": prefill_ms}
-            for name, ms in times.items()]
+    def _after_vit(self, key, project, units: int) -> dict:
+        if key not in self.after_vit:
+            proj_ms, visual = self.timer(project)
+            text = self.args.prompt_tokens + self.args.marker_tokens * units
+            prefill_ms, _ = self.timer(lambda: prefill(self.model, visual, text))
+            self.after_vit[key] = {"visual_tokens": visual.shape[0] * visual.shape[1], "text_tokens": text,
+                                   "projector_ms": proj_ms, "prefill_ms": prefill_ms}
+        return self.after_vit[key]
 
+    @torch.inference_mode()
+    def baseline(self, path: str, tower, frames: int) -> dict:
+        model = self.model
+        size = model.config.vision_config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        pixels = torch.randn(frames, 3, size, size, device=self.device, dtype=self.dtype)
+        vit_ms, feats = self.timer(lambda: tower(pixel_values=pixels).last_hidden_state)
 
-@torch.inference_mode()
-def student_rows(model, student, encoders: dict, projector, frames: int, timer: Timer, args, device) -> list[dict]:
-    size = student.config.image_hw
-    video = torch.randint(0, 256, (frames, *size, 3), dtype=torch.uint8, device=device)
-    times = {}
-    for name, encode in encoders.items():
-        times[name], tokens = timer(lambda: encode(video, chunk_frames=args.chunk_frames))
-    proj_ms, visual = timer(lambda: projector(tokens).to(model.dtype))
-    text = args.prompt_tokens + args.marker_tokens * tokens.shape[0]
-    prefill_ms, _ = timer(lambda: prefill(model, visual, text))
-    return [{"model": f"LiteFrame student ({args.student_preset})", "vit": name, "frames": frames,
-             "visual_tokens": tokens.shape[0] * tokens.shape[1], "text_tokens": text,
-             "vit_ms": ms, "projector_ms": proj_ms, "prefill_ms": prefill_ms} for name, ms in times.items()]
+        def project():
+            x = feats[:, 1:]                       # drop CLS: 1024 patches per frame
+            side = int(x.shape[1] ** 0.5)
+            x = model.model.pixel_shuffle(x.reshape(frames, side, side, -1), model.config.downsample_ratio)
+            return model.model.multi_modal_projector(x.reshape(frames, -1, x.shape[-1]))
+
+        rest = self._after_vit((BASELINE, frames), project, frames)   # a marker per frame
+        return {"model": BASELINE, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
+
+    @torch.inference_mode()
+    def student_row(self, path: str, encode, frames: int) -> dict:
+        video = torch.randint(0, 256, (frames, *self.student.config.image_hw, 3), dtype=torch.uint8,
+                              device=self.device)
+        vit_ms, tokens = self.timer(lambda: encode(video, chunk_frames=self.args.chunk_frames))
+        name = f"LiteFrame student ({self.args.student_preset})"
+        rest = self._after_vit((name, frames), lambda: self.projector(tokens).to(self.model.dtype),
+                               tokens.shape[0])                        # a marker per clip
+        return {"model": name, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
 
 
 def table(rows: list[dict]) -> str:
@@ -169,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--marker-tokens", type=int, default=6)
     p.add_argument("--chunk-frames", type=int, default=None, help="student encode_video chunking")
     p.add_argument("--json-out", help="write rows and environment to this JSON file")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="start no further ViT path after this many seconds (device leases are short)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile'd ViTs (student.fast.FastEncoder); default: on GPU")
     args = p.parse_args(argv)
@@ -188,10 +198,20 @@ def main(argv: list[str] | None = None) -> None:
 
         towers["compiled"] = torch.compile(model.model.vision_tower, dynamic=False)
         encoders["compiled"] = FastEncoder(student, dynamic=False).encode_video
-    rows = [r for f in args.baseline_frames.split(",")
-            for r in baseline_rows(model, towers, int(f), timer, args, device, dtype)]
-    rows += [r for f in args.student_frames.split(",")
-             for r in student_rows(model, student, encoders, projector, int(f), timer, args, device)]
+    bench = Bench(model, student, projector, timer, args, device, dtype)
+    rows: list[dict] = []
+    start = time.monotonic()
+    for path in towers:      # every eager row first: the compiled ones are extra, and compiles are slow
+        if rows and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f}s spent: {path} rows skipped", flush=True)
+            break
+        jobs = [(bench.baseline, towers[path], int(f)) for f in args.baseline_frames.split(",")]
+        jobs += [(bench.student_row, encoders[path], int(f)) for f in args.student_frames.split(",")]
+        for run, vit, frames in jobs:
+            rows.append(run(path, vit, frames))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps({"rows": rows}, indent=1))
     print(table(rows))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps,
