@@ -2,18 +2,23 @@
 
 How a decode stays exact and cheap:
 1. `probe` demuxes the chosen video stream once without decoding (`-c copy -f framecrc`): every
-   packet's presentation time and keyframe flag, i.e. the exact frame times of the video (VFR
-   included). Containers without packet pts (AVI) fall back to one decoding pass that records the
-   decoder's own timestamps.
+   packet's presentation and decode time and keyframe flag, i.e. the exact frame times of the video
+   (VFR included). Containers without packet pts (AVI) fall back to one decoding pass that records
+   the decoder's own timestamps.
 2. Each requested time maps to the frame with the nearest presentation time (ties: the earlier).
-3. ffmpeg decodes with a `select` filter on those exact times (`-copyts`, so the filter sees the
-   container's clock), so unwanted frames are never rotated, scaled, converted or piped; the wanted
-   frames are cropped and scaled inside ffmpeg and arrive as raw RGB24 read frame by frame.
-   Far-apart frames are reached by input seeking (`-ss` before `-i`) to the keyframe before them,
-   one short ffmpeg run per group; a run is stopped as soon as its last frame arrived.
-4. Every frame is counted: a run that delivers fewer frames than selected is retried from the start
-   of the file, then against decoder timestamps; still short means a corrupt or truncated stream
-   (`-xerror` stops at the first decoding error, so concealed garbage is never returned).
+3. Only the packets those frames need are decoded: from the keyframe before each frame up to the
+   frame in decode order, minus pictures nothing refers to (H.264 nal_ref_idc 0, HEVC sub-layer
+   non-reference, read from NAL headers by a stream copy) unless requested. An input-side
+   `noise=drop=...` bitstream filter on packet dts does the skipping; gaps of more than `seek_gap`
+   seconds are jumped with input seeking (`-ss` before `-i`, a new ffmpeg run). A run stops as soon
+   as its last frame arrived.
+4. A `select` filter on the exact times (`-copyts`, so it sees the container's clock) lets only the
+   wanted frames through to rotation, crop and scale (inside ffmpeg); they arrive as raw RGB24,
+   read frame by frame into a preallocated array: memory is the requested frames, nothing more.
+5. Every frame is counted: a run that delivers fewer frames than selected is retried as a plain
+   decode from the start, then against decoder timestamps; still short means a corrupt or truncated
+   stream. `-xerror` stops at the first decoding error, so concealed garbage is never returned:
+   a request succeeds exactly when no packet its frames depend on is damaged.
 """
 
 from __future__ import annotations

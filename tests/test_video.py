@@ -132,3 +132,30 @@ def test_empty_request_and_video_id(coded):
     ids = {video_id(u) for u in ["/a/b.c.mp4", "/a/b.c.mkv", "s3://x/a/b.c.mp4", "/a/b.c.mp4 "]}
     assert len(ids) == 4 and all(i.replace("-", "").replace("_", "").isalnum() for i in ids)
     assert video_id("/a/b.c.mp4") == video_id("/a/b.c.mp4")
+
+
+def test_many_runs_and_long_filter_graphs_stay_exact(coded, monkeypatch):
+    """Long videos split their packet filter over several ffmpeg runs and pass big select graphs
+    through a file: force both on a small video."""
+    import pipeline.video as video
+
+    path, times = coded["gop.mp4"]
+    monkeypatch.setattr(video, "MAX_KEEP_RANGES", 3)
+    monkeypatch.setattr(video, "_GRAPH_ARG_MAX", 200)
+    req = times[np.r_[1:80:3]]
+    got = decode_frames(path, req, size=32)
+    assert indices(got) == list(range(1, 80, 3))
+
+
+def test_unreferenced_pictures_are_found_and_skipped(coded):
+    """x264's B-frames that nothing refers to are read from NAL headers; skipping them keeps every
+    requested frame exact, including requested unreferenced ones."""
+    import pipeline.video as video
+
+    path, times = coded["gop.mp4"]
+    table, info = video._load(path, 30.0)
+    table = video._with_refs(path, path, table, info, 30.0)
+    assert table.ref is not None and 0 < (~table.ref).sum() < len(times) // 2 + 1
+    unref = np.flatnonzero(~table.ref)[:5]
+    got = decode_frames(path, times[unref], size=32)
+    assert indices(got) == unref.tolist()
