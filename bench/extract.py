@@ -50,9 +50,17 @@ INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_head
                       image_size=448, patch_size=14)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=112,
             patch_size=14)
-# Static shapes: one compiled graph per frames-per-forward, no dynamic-shape kernels.
-VARIANTS = {"eager": None, "compile": {"dynamic": False},
-            "compile-cudagraphs": {"mode": "reduce-overhead", "dynamic": False}}
+def variant_options(variant: str) -> tuple[dict | None, tuple[str, ...]]:
+    """'eager' | 'compile' | 'compile-cudagraphs', each optionally '-cudnn' (cuDNN SDPA first)
+    -> (torch.compile kwargs or None, attention backends). Static shapes: one graph per batch size."""
+    words = variant.split("-")
+    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn"}
+    if unknown or words[0] not in ("eager", "compile"):
+        raise ValueError(f"unknown variant {variant!r}")
+    compile_kw = None
+    if words[0] == "compile":
+        compile_kw = {"dynamic": False, **({"mode": "reduce-overhead"} if "cudagraphs" in words else {})}
+    return compile_kw, (("cudnn", "flash", "efficient") if "cudnn" in words else ())
 
 
 @dataclass
@@ -63,13 +71,18 @@ class BenchConfig:
                                    metadata={"help": "matmul,teacher,pipeline,decode,ray"})
     shape: str = field(default="internvit-300m", metadata={"help": "internvit-300m | tiny"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
-    variants: tuple[str, ...] = field(default=("eager", "compile"), metadata={"help": ",".join(VARIANTS)})
+    variants: tuple[str, ...] = field(default=("eager", "compile"),
+                                      metadata={"help": "eager|compile|compile-cudagraphs, each with optional -cudnn"})
     frames_per_forward: tuple[int, ...] = field(default=(64, 128, 256), metadata={"help": "teacher batch sizes"})
     compile_frames_per_forward: tuple[int, ...] = field(default=(256,),
                                                         metadata={"help": "batch sizes for compiled variants"})
     clip_frames: int = field(default=4, metadata={"help": "frames per clip"})
     seconds: float = field(default=6.0, metadata={"help": "timed seconds per measurement"})
-    pipeline_frames: int = field(default=256, metadata={"help": "frames per forward in pipeline/decode parts"})
+    pipeline_variants: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "variants for pipeline/decode parts (default: --variants); decode uses the last"})
+    pipeline_frames: int = field(default=256, metadata={"help": "frames per stage batch in pipeline/decode parts"})
+    pipeline_chunk_frames: tuple[int, ...] = field(default=(256, 64),
+                                                  metadata={"help": "frames per forward inside the stage"})
     decode_workers: tuple[int, ...] = field(default=(1, 4, 8, 15), metadata={"help": "process-pool sizes"})
     decode_seconds: float = field(default=12.0, metadata={"help": "timed seconds per decode measurement"})
     videos: str = field(default=str(ROOT.parent / "shared" / "videos"), metadata={"help": "videos for decode/ray"})
@@ -111,14 +124,24 @@ def vit_flops_per_frame(cfg: dict, tokens: int) -> float:
     return 2 * patches * (3 * p * p) * d + layers * per_layer
 
 
-def matmul_tflops(device: torch.device, seconds: float) -> dict:
-    n = 8192 if device.type == "cuda" else 1024
+def matmul_tflops(device: torch.device, seconds: float, shape: tuple[int, int, int] = (8192, 8192, 8192)) -> dict:
+    """bf16 (GPU) / fp32 (CPU) matmul rate on random data: 20 back-to-back products per timed call."""
+    m, k, n = shape if device.type == "cuda" else (1024, 1024, 1024)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sec, iters = _time_loop(lambda: a @ b, device, seconds)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n ** 3 / sec / 1e12, "iters": iters}
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    c = torch.empty(m, n, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(20):
+            torch.matmul(a, b, out=c)
+
+    warm = time.perf_counter()
+    while time.perf_counter() - warm < 1.0:   # clocks up from idle
+        run()
+        _sync(device)
+    sec, iters = _time_loop(run, device, seconds)
+    return {"shape": [m, k, n], "dtype": str(dtype).removeprefix("torch."),
+            "tflops": 20 * 2 * m * k * n / sec / 1e12, "iters": iters}
 
 
 def _git_commit() -> str:
@@ -152,9 +175,10 @@ def make_teacher_dir(directory: Path, shape: dict, device: torch.device) -> Path
 def _load_teacher(path: Path, device: torch.device, variant: str, fpf: int):
     from pipeline.teacher import Teacher
 
-    teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf)
-    if VARIANTS[variant] is not None:
-        teacher.compile_tokens(**VARIANTS[variant])
+    compile_kw, attention = variant_options(variant)
+    teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf, attention_backends=attention)
+    if compile_kw is not None:
+        teacher.compile_tokens(**compile_kw)
     return teacher
 
 
@@ -196,7 +220,7 @@ def _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq,
     rows = []
     size, cfr = shape["image_size"], cfg.clip_frames
     teacher = eager if variant == "eager" else _load_teacher(path, device, variant, 0)
-    sizes = cfg.frames_per_forward if variant == "eager" else cfg.compile_frames_per_forward
+    sizes = cfg.frames_per_forward if variant_options(variant)[0] is None else cfg.compile_frames_per_forward
     for fpf in sizes:
         teacher.batch_size = eager.batch_size = fpf
         sets = [torch.randint(0, 256, (fpf // cfr, cfr, size, size, 3), dtype=torch.uint8, device=device,
@@ -232,8 +256,10 @@ def _stage(path: Path, device: torch.device, variant: str, fpf: int):
 
     stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
                          dtype="bfloat16" if device.type == "cuda" else "float32", frames_per_forward=fpf)
-    if VARIANTS[variant] is not None:
-        stage.teacher.compile_tokens(**VARIANTS[variant])
+    compile_kw, attention = variant_options(variant)
+    stage.teacher.attention_backends = attention
+    if compile_kw is not None:
+        stage.teacher.compile_tokens(**compile_kw)
     return stage
 
 
@@ -244,23 +270,38 @@ def _teacher_rate(rows: list, variant: str, fpf: int) -> float | None:
 
 
 def part_pipeline(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, teacher_rows: list) -> list:
+    """TeacherStage over host batches of `pipeline_frames` frames, forwarded in chunks of
+    `pipeline_chunk_frames` (smaller chunks let the next chunk's upload hide behind compute)."""
     rows = []
     fpf, cfr = cfg.pipeline_frames, cfg.clip_frames
     batches = _host_batches(3, fpf // cfr, cfr, shape["image_size"])
-    for variant in cfg.variants:
-        stage = _stage(path, device, variant, fpf)
-        for b in batches[:2]:
-            stage(dict(b))
-        it = iter(range(1 << 30))
-        sec, iters = _time_loop(lambda: stage(dict(batches[next(it) % len(batches)])), device, cfg.seconds)
-        clips_s = (fpf // cfr) / sec
-        alone = _teacher_rate(teacher_rows, variant, fpf)
-        rows.append({"part": "pipeline", "variant": variant, "frames_per_forward": fpf, "clips_per_s": clips_s,
-                     "frames_per_s": clips_s * cfr, "teacher_only_clips_per_s": alone,
-                     "efficiency": clips_s / alone if alone else None, "iters": iters})
-        print(_row_text(rows[-1]), flush=True)
-        del stage
+    for variant in cfg.pipeline_variants or cfg.variants:
+        for chunk in cfg.pipeline_chunk_frames:
+            stage = _stage(path, device, variant, chunk)
+            for b in batches[:2]:
+                stage(dict(b))
+            it = iter(range(1 << 30))
+            sec, iters = _time_loop(lambda: stage(dict(batches[next(it) % len(batches)])), device, cfg.seconds)
+            clips_s = (fpf // cfr) / sec
+            alone = _teacher_rate(teacher_rows, variant, fpf)
+            rows.append({"part": "pipeline", "variant": variant, "frames_per_forward": chunk,
+                         "batch_frames": fpf, "clips_per_s": clips_s, "frames_per_s": clips_s * cfr,
+                         "teacher_only_clips_per_s": alone, "efficiency": clips_s / alone if alone else None,
+                         "iters": iters})
+            print(_row_text(rows[-1]), flush=True)
+            del stage
     return rows
+
+
+def host_to_device(device: torch.device, frames: int, size: int, seconds: float) -> dict:
+    """GB/s of one uint8 frame batch to the GPU, from pageable and from pinned host memory."""
+    host = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8))
+    pinned = host.pin_memory()
+    out = {"bytes": host.numel()}
+    for name, src in (("pageable", host), ("pinned", pinned)):
+        sec, _ = _time_loop(lambda: src.to(device, non_blocking=True), device, seconds)
+        out[f"{name}_gb_s"] = host.numel() / sec / 1e9
+    return out
 
 
 def _video_list(cfg: BenchConfig) -> list[str]:
@@ -380,8 +421,9 @@ def part_decode(cfg: BenchConfig, path: Path, shape: dict, device: torch.device,
     jpeg = jpeg_seconds_per_clip(sample)
     rows.append({"part": "jpeg-encode", "workers": 1, "cpu_s_per_clip": jpeg, "clips_per_s": 1 / jpeg})
     print(_row_text(rows[-1]), flush=True)
-    variant = cfg.variants[-1]
-    stage = _stage(path, device, variant, fpf)
+    variant = (cfg.pipeline_variants or cfg.variants)[-1]
+    chunk = min(cfg.pipeline_chunk_frames)
+    stage = _stage(path, device, variant, chunk)
     for b in _host_batches(2, fpf // cfr, cfr, size):
         stage(b)
     workers = max(cfg.decode_workers)
@@ -465,13 +507,23 @@ def markdown(result: dict) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}; commit {result['commit']}; {result['date']}"]
     if result.get("matmul"):
         m = result["matmul"]
-        lines.append(f"measured {m['dtype']} matmul ({m['n']}^3): {m['tflops']:.3g} TFLOP/s")
+        lines.append(f"measured {m['dtype']} matmul {'x'.join(map(str, m['shape']))}: {m['tflops']:.3g} TFLOP/s")
+    if result.get("matmul_end"):
+        lines.append(f"same, after all parts: {result['matmul_end']['tflops']:.3g} TFLOP/s")
+    if result.get("matmul_teacher_gemm"):
+        g = result["matmul_teacher_gemm"]
+        lines.append(f"teacher-shaped GEMM {'x'.join(map(str, g['shape']))}: {g['tflops']:.3g} TFLOP/s")
+    if result.get("h2d"):
+        h = result["h2d"]
+        lines.append(f"host->GPU copy of {h['bytes'] / 1e6:.0f} MB: pageable {h['pageable_gb_s']:.3g} GB/s, "
+                     f"pinned {h['pinned_gb_s']:.3g} GB/s")
     for name, why in result.get("failed", {}).items():
         lines.append(f"part {name} FAILED: {why}")
     cols = {
         "teacher": ["variant", "frames_per_forward", "frames_per_s", "clips_per_s", "tflops", "pct_matmul",
                     "rel_err_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
-        "pipeline": ["variant", "frames_per_forward", "clips_per_s", "teacher_only_clips_per_s", "efficiency"],
+        "pipeline": ["variant", "batch_frames", "frames_per_forward", "clips_per_s", "teacher_only_clips_per_s",
+                     "efficiency"],
         "decode-only": ["workers", "clips_per_s", "clips_per_s_per_worker", "cpu_s_per_clip_est", "errors"],
         "jpeg-encode": ["workers", "cpu_s_per_clip", "clips_per_s"],
         "decode+teacher": ["variant", "workers", "clips_per_s", "teacher_only_clips_per_s", "teacher_busy",
@@ -507,6 +559,14 @@ def main(argv: list[str] | None = None) -> dict:
             result["matmul"] = matmul_tflops(device, min(cfg.seconds, 3.0))
             matmul = result["matmul"]["tflops"]
             print(f"matmul: {matmul:.1f} TFLOP/s", flush=True)
+            if device.type == "cuda":
+                # The teacher's own GEMM shape (MLP up-projection of 256 frames): the reachable ceiling.
+                tokens = 256 * ((shape["image_size"] // shape["patch_size"]) ** 2 + 1)
+                result["matmul_teacher_gemm"] = matmul_tflops(
+                    device, 2.0, (tokens, shape["hidden_size"], shape["intermediate_size"]))
+                result["h2d"] = host_to_device(device, cfg.pipeline_frames, shape["image_size"], 2.0)
+                print(f"teacher GEMM: {result['matmul_teacher_gemm']['tflops']:.1f} TFLOP/s; "
+                      f"H2D: {result['h2d']}", flush=True)
         need_model = {"teacher", "pipeline", "decode"} & set(cfg.parts)
         path = make_teacher_dir(work / "teacher", shape, device) if need_model else None
         parts = {"teacher": lambda: part_teacher(cfg, path, shape, device, matmul),
@@ -526,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
             if cfg.json:
                 Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
+    if "matmul" in cfg.parts and device.type == "cuda":
+        result["matmul_end"] = matmul_tflops(device, 2.0)
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result), flush=True)
