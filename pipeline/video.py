@@ -71,14 +71,24 @@ class Frames:
 
 
 @dataclass(frozen=True)
+class _Packets:
+    """The stream's packets in decode (file) order, as the packet filter and seeks address them.
+    Packets the container marks as discarded (edit lists cutting into a GOP) are not shown as
+    frames but may still be needed as references."""
+
+    dts: np.ndarray  # int64, strictly increasing
+    time: np.ndarray  # float64 presentation time, container seconds
+    key: np.ndarray  # bool: decoding may start here
+    frame: np.ndarray  # int64 index of the frame it shows, -1 if discarded
+    ref: np.ndarray | None = None  # bool: may other pictures reference it; None: unknown (assume so)
+
+
+@dataclass(frozen=True)
 class _FrameTable:
-    """The frames of the video stream in presentation order (unique pts): container-clock times,
-    keyframe flags and, when the packets allow it, decode timestamps and reference flags."""
+    """The frames of the video stream in presentation order: container-clock times (unique)."""
 
     times: np.ndarray  # float64 seconds, sorted
-    key: np.ndarray  # bool: decoding may start here
-    dts: np.ndarray | None  # int64 per frame; None: packets unusable for seeking and dropping
-    ref: np.ndarray | None  # bool per frame: may other frames reference it; None: unknown (assume so)
+    packets: _Packets | None  # None: packets unusable for seeking and skipping (plain decodes only)
     from_decoder: bool
     format_start: float = 0.0  # container start time: ffmpeg's -ss counts from it
     codec: str = ""
@@ -144,13 +154,14 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
     truncated = [m for m in TRUNCATION_MARKERS if m in err.lower()]
     if truncated:
         raise CorruptVideoError(uri, f"truncated file ({truncated[0]}): the container ends before its data does")
-    tb, dts, pts, key_flags = _parse_framecrc(out)
+    tb, dts, pts, flags = _parse_framecrc(out)
     if rc != 0 and not pts:
         raise CorruptVideoError(uri, f"no readable video packet ({error_lines(err)})")
-    if not pts or any(p is None for p in pts):
+    shown = [p for p, f in zip(pts, flags) if not f & _DISCARD]
+    if not shown or any(p is None for p in shown):
         table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()))
     else:
-        table = _table(pts, dts, tb, key_flags, from_decoder=False)
+        table = _table(pts, dts, flags, tb)
     table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"])
     info = _info(uri, header, table)
     _remember(key, table, info)
@@ -183,34 +194,39 @@ def _decoder_table(uri: str, path: str, stream: int, timeout: float) -> _FrameTa
     pts = [p for p in pts if p is not None]
     if not pts:
         raise CorruptVideoError(uri, f"no frame could be decoded ({error_lines(err)})")
-    return _table(pts, None, tb, [False] * len(pts), from_decoder=True)
+    return _FrameTable(times=_seconds(np.unique(np.asarray(pts, np.int64)), tb), packets=None, from_decoder=True)
 
 
-def _table(pts: list[int], dts: list[int | None] | None, tb: Fraction, key: list[bool],
-           from_decoder: bool) -> _FrameTable:
-    """Frames sorted by pts. Decode timestamps are kept only when they identify packets exactly
-    (present, strictly increasing, one packet per pts): the packet filter and seeks rely on that."""
-    p = np.asarray(pts, dtype=np.int64)
-    k = np.asarray(key, bool).copy()
-    usable = (dts is not None and len(dts) == len(p) and all(d is not None for d in dts)
-              and len(np.unique(p)) == len(p))
-    d = np.asarray(dts, dtype=np.int64) if usable else None
-    if d is not None and not np.all(np.diff(d) > 0):
-        d = None
-    order = np.argsort(p, kind="stable")
-    p, k = p[order], k[order]
-    uniq, first = np.unique(p, return_index=True)
-    k = np.logical_or.reduceat(k, first)
-    k[0] = True  # decoding always starts somewhere before the first frame
-    return _FrameTable(times=uniq.astype(np.float64) * (tb.numerator / tb.denominator), key=k,
-                       dts=None if d is None else d[order], ref=None, from_decoder=from_decoder)
+def _seconds(ticks: np.ndarray, tb: Fraction) -> np.ndarray:
+    return ticks.astype(np.float64) * (tb.numerator / tb.denominator)
 
 
+def _table(pts: list, dts: list, flags: list[int], tb: Fraction) -> _FrameTable:
+    """Frames = packets not marked discarded, sorted by pts. The packet facts are kept only when
+    they identify packets exactly (every dts present and strictly increasing, one shown packet per
+    pts): the packet filter and the seeks rely on that."""
+    fl = np.asarray(flags, np.int64)
+    shown = (fl & _DISCARD) == 0
+    p_shown = np.asarray([p for p, s in zip(pts, shown) if s], np.int64)
+    times = np.unique(p_shown)
+    usable = (len(times) == len(p_shown) and all(d is not None for d in dts) and all(p is not None for p in pts))
+    packets = None
+    if usable:
+        d = np.asarray(dts, np.int64)
+        p = np.asarray(pts, np.int64)
+        if np.all(np.diff(d) > 0):
+            frame = np.full(len(p), -1, np.int64)
+            frame[shown] = np.searchsorted(times, p[shown])
+            packets = _Packets(dts=d, time=_seconds(p, tb), key=(fl & 1) > 0, frame=frame)
+    return _FrameTable(times=_seconds(times, tb), packets=packets, from_decoder=False)
+
+
+_DISCARD = 4  # AV_PKT_FLAG_DISCARD, "F=0x4" in framecrc
 _NOPTS = -(2**63)
 
 
-def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[int | None], list[bool]]:
-    """(time base, dts, pts, keyframe flag) per packet, in file (decode) order."""
+def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[int | None], list[int]]:
+    """(time base, dts, pts, AV_PKT_FLAG_* bits) per packet, in file (decode) order."""
     tb, dts, pts, key = Fraction(1, 1), [], [], []
     for line in out.decode("ascii", "replace").splitlines():
         if line.startswith("#tb 0:"):
@@ -223,7 +239,7 @@ def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[int | 
             dts.append(None if d == _NOPTS else d)
             pts.append(None if p == _NOPTS else p)
             flags = next((x for x in f[6:] if x.startswith("F=")), None)
-            key.append(flags is None or bool(int(flags[2:], 16) & 1))
+            key.append(1 if flags is None else int(flags[2:], 16))  # framecrc omits F= for plain keyframes
     return tb, dts, pts, key
 
 
@@ -240,7 +256,8 @@ def _with_refs(uri: str, path: str, table: _FrameTable, info: VideoInfo, timeout
     when every slice has nal_ref_idc 0 (H.264), or is a sub-layer non-reference slice in the highest
     temporal layer (HEVC). Such frames are dropped before decoding unless requested: exact, and
     typically 30-50% of an H.264 stream with B-frames. On any doubt the flags stay unknown."""
-    if table.dts is None or table.ref is not None or table.codec not in _AUD:
+    pk = table.packets
+    if pk is None or pk.ref is not None or table.codec not in _AUD:
         return table
     codec = table.codec
     bsf = "h264_metadata=aud=insert" if codec == "h264" else "hevc_metadata=aud=insert"
@@ -256,14 +273,13 @@ def _with_refs(uri: str, path: str, table: _FrameTable, info: VideoInfo, timeout
             scan.feed(chunk)
         scan.close()
         rc = ff.wait()
-    if rc != 0 or len(units) != len(table.times):
-        return dataclasses.replace(table, ref=np.ones(len(table.times), bool))
-    cand = np.array([u[0] for u in units])
-    tid = np.array([u[1] for u in units])
-    unref = cand & (tid == tid.max()) if codec == "hevc" else cand
-    by_frame = np.empty(len(units), bool)
-    by_frame[np.argsort(table.dts)] = ~unref  # packets are in dts order; frames in pts order
-    return dataclasses.replace(table, ref=by_frame)
+    if rc != 0 or len(units) != len(pk.dts):
+        ref = np.ones(len(pk.dts), bool)
+    else:
+        cand = np.array([u[0] for u in units])
+        tid = np.array([u[1] for u in units])
+        ref = ~(cand & (tid == tid.max())) if codec == "hevc" else ~cand
+    return dataclasses.replace(table, packets=dataclasses.replace(pk, ref=ref))
 
 
 class _NalScan:
@@ -500,21 +516,22 @@ def _plan(table: _FrameTable, wanted: np.ndarray, seek_gap: float) -> list[_Run]
     also covers open-GOP leading pictures) up to itself in decode order; of those, unreferenced
     ones other than wanted frames are skipped. Runs are split where more than `seek_gap` seconds
     of video need nothing (the next run seeks there) or where the filter would grow too long."""
-    if table.dts is None:
+    pk = table.packets
+    if pk is None:
         return [_Run(wanted)]
-    n = len(table.times)
-    kf = np.maximum.accumulate(np.where(table.key, np.arange(n), 0))
-    by_dts = np.argsort(table.dts)  # decode position -> frame
-    dts_dec = table.dts[by_dts]
-    pos = np.empty(n, int)
-    pos[by_dts] = np.arange(n)  # frame -> decode position
-    needed_ref = np.ones(n, bool) if table.ref is None else table.ref[by_dts]
-    target = np.zeros(n, bool)
-    target[pos[wanted]] = True
-    lo, hi = np.minimum(pos[kf[wanted]], pos[wanted]), pos[wanted]
-    order = np.argsort(lo, kind="stable")
-    spans: list[list] = []  # merged [lo, hi, [frames]]
-    for i in order:
+    n = len(pk.dts)
+    by_time = np.argsort(pk.time, kind="stable")
+    key_before = np.empty(n, np.int64)  # packet -> last keyframe packet at or before it in presentation
+    key_before[by_time] = np.maximum.accumulate(np.where(pk.key[by_time], by_time, -1))
+    pkt_of = np.empty(len(table.times), np.int64)
+    pkt_of[pk.frame[pk.frame >= 0]] = np.flatnonzero(pk.frame >= 0)
+    targets = pkt_of[wanted]
+    lo = np.where(key_before[targets] >= 0, np.minimum(key_before[targets], targets), 0)
+    hi = targets
+    needed = np.ones(n, bool) if pk.ref is None else pk.ref.copy()
+    needed[targets] = True
+    spans: list[list] = []  # merged [lo, hi, [frames]] in decode positions
+    for i in np.argsort(lo, kind="stable"):
         if spans and lo[i] <= spans[-1][1] + 1:
             spans[-1][1] = max(spans[-1][1], hi[i])
             spans[-1][2].append(wanted[i])
@@ -523,17 +540,16 @@ def _plan(table: _FrameTable, wanted: np.ndarray, seek_gap: float) -> list[_Run]
     runs: list[_Run] = []
     frames: list = []
     keep: list = []
-    prev_hi = None
+    prev_hi = seek = None
     for a, b, fr in spans:
-        positions = np.arange(a, b + 1)
-        positions = positions[needed_ref[a:b + 1] | target[a:b + 1]]
-        ranges = [(int(x), int(y)) for x, y in _runs_of(dts_dec[positions], positions)]
-        gap = prev_hi is not None and table.times[by_dts[a]] - table.times[by_dts[prev_hi]] > seek_gap
+        positions = np.arange(a, b + 1)[needed[a:b + 1]]
+        ranges = [(int(x), int(y)) for x, y in _runs_of(pk.dts[positions], positions)]
+        gap = prev_hi is not None and pk.time[a] - pk.time[prev_hi] > seek_gap
         if frames and (gap or len(keep) + len(ranges) > MAX_KEEP_RANGES):
             runs.append(_Run(np.sort(np.array(frames)), seek, keep))
             frames, keep = [], []
         if not frames:
-            seek = float(table.times[by_dts[a]]) if a > 0 else None
+            seek = float(pk.time[a]) if a > 0 else None
         frames += fr
         keep += ranges
         prev_hi = b
@@ -610,7 +626,7 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         rel = table.times - table.times[0]
         pick = _nearest(rel, req)
         uniq, inverse = np.unique(pick, return_inverse=True)
-        if attempt == "packets" and table.ref is None and table.dts is not None and len(uniq) < len(rel):
+        if attempt == "packets" and len(uniq) < len(rel):
             table = _with_refs(uri, path, table, info, max(1.0, deadline - time.monotonic()))
             _remember(_cache_key(uri, path), table, probed)
         gaps = np.diff(table.times)

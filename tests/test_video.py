@@ -155,7 +155,23 @@ def test_unreferenced_pictures_are_found_and_skipped(coded):
     path, times = coded["gop.mp4"]
     table, info = video._load(path, 30.0)
     table = video._with_refs(path, path, table, info, 30.0)
-    assert table.ref is not None and 0 < (~table.ref).sum() < len(times) // 2 + 1
-    unref = np.flatnonzero(~table.ref)[:5]
+    ref = table.packets.ref
+    assert ref is not None and 0 < (~ref).sum() < len(times) // 2 + 1
+    unref = np.sort(table.packets.frame[~ref])[:5]
     got = decode_frames(path, times[unref], size=32)
     assert indices(got) == unref.tolist()
+
+
+def test_edit_list_starting_inside_a_gop(coded, tmp_path):
+    """A stream copy cut at 1.35 s keeps the GOP's earlier packets, marked discarded by the MP4 edit
+    list: they are no frames of the video, yet the keyframe among them must still be decoded."""
+    path, _ = coded["gop.mp4"]
+    cut = tmp_path / "cut.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-ss", "1.35", "-i", path, "-c", "copy", str(cut)], check=True,
+                   timeout=60)
+    info = probe(str(cut))
+    first = 14  # the frame shown at 1.4 s in the source becomes t=0
+    assert info.num_frames == 80 - first and info.start_time == pytest.approx(0.0, abs=1e-6)
+    for seek_gap in (0.0, 1e9):
+        got = decode_frames(str(cut), [0.0, 0.3, 2.0, 6.5], size=32, seek_gap=seek_gap)
+        assert indices(got) == [first, first + 3, first + 20, first + 65]
