@@ -296,7 +296,7 @@ def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, student_dir, llm_
 
     out = tmp_path / "ray_out"
     main(["--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(out),
-          "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
+          "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--gradient-checkpointing", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"output": str(out.resolve())}
     assert [json.loads(t)["step"] for t in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
