@@ -10,6 +10,8 @@ Methods, per video:
   ours@F        pipeline.video.decode_frames at F fps (probe included, cold): select inside ffmpeg,
                 input seeking between keyframes, crop+scale inside ffmpeg
   ours_full     decode_frames at every frame's time (full rate) through the same path
+  ours@2 xN     N processes at once (N = `--parallel`, default all cores), each decoding the video at
+                2 fps with single-threaded ffmpeg: the node's throughput when every core has a worker
 frames/s = delivered frames / wall time; frames/s/core = delivered frames / CPU seconds (ffmpeg
 children from getrusage(RUSAGE_CHILDREN) plus this process), i.e. the rate one fully busy core gives.
 Generated videos: ffmpeg testsrc2 + index code + mild temporal grain, libx264 veryfast crf 20, GOP
@@ -27,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +60,8 @@ class DecodeBench:
     shared: bool = field(default=True, metadata={"help": "also bench ../shared/videos (except corrupted.mp4)"})
     naive: bool = field(default=True, metadata={"help": "run the naive decode-everything baseline"})
     full: bool = field(default=True, metadata={"help": "run ours at full frame rate"})
+    parallel: int | None = field(default=None, metadata={
+        "help": "processes for the node-throughput row (default: all cores; 0: skip)"})
     workdir: str = field(default="/tmp/liteframe-bench", metadata={"help": "where generated videos are cached"})
     json: str | None = field(default=None, metadata={"help": "write rows as JSON to this file"})
 
@@ -116,6 +121,22 @@ def naive_decode(path: str, times: np.ndarray, size: int, threads: int) -> np.nd
     return out
 
 
+def index_exact(frames: np.ndarray, times: np.ndarray, path: str) -> bool:
+    """Each delivered frame's coded index is a frame nearest its time (either one on an exact tie)."""
+    info = probe(path)
+    rel = np.arange(info.num_frames) / info.avg_fps
+    got = np.array([frame_index(f) for f in frames])
+    best = np.array([np.abs(rel - t).min() for t in times])
+    return bool(np.all(np.abs(rel[np.clip(got, 0, len(rel) - 1)] - times) <= best + 1e-6))
+
+
+def _worker(job) -> bool | None:
+    """One node-throughput worker: a cold single-threaded decode at 2 fps."""
+    path, times, size, coded = job
+    got = decode_frames(path, times, size=size, threads=1)
+    return index_exact(got.frames, times, path) if coded else None
+
+
 def generated(cfg: DecodeBench) -> list[tuple[str, str]]:
     root = Path(cfg.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -156,13 +177,7 @@ def bench_video(label: str, path: str, cfg: DecodeBench, coded: bool) -> list[di
         return np.arange(0.0, info.last_time + 1e-9, 1.0 / f)
 
     def check(frames, times):
-        """Each delivered frame is one nearest its time (either one on an exact tie)."""
-        if not coded:
-            return None
-        rel = np.arange(info.num_frames) / info.avg_fps
-        got = np.array([frame_index(f) for f in frames])
-        best = np.array([np.abs(rel - t).min() for t in times])
-        return bool(np.all(np.abs(rel[np.clip(got, 0, len(rel) - 1)] - times) <= best + 1e-6))
+        return index_exact(frames, times, path) if coded else None
 
     if cfg.naive:
         times = sample_times(2.0)
@@ -176,6 +191,12 @@ def bench_video(label: str, path: str, cfg: DecodeBench, coded: bool) -> list[di
             got = decode_frames(path, times, size=cfg.size, threads=cfg.threads)
         row(f"ours@{f:g}", len(times), m, check(got.frames, times))
         del got
+    workers = os.cpu_count() if cfg.parallel is None else cfg.parallel
+    if workers:
+        times = sample_times(2.0)
+        with Meter() as m, ProcessPoolExecutor(workers) as pool:
+            oks = list(pool.map(_worker, [(path, times, cfg.size, coded)] * workers))
+        row(f"ours@2 x{workers}", workers * len(times), m, all(oks) if coded else None)
     if cfg.full:
         times = np.arange(info.num_frames) / info.avg_fps
         clear_probe_cache()
