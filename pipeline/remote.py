@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-from .errors import InputNotFoundError
+from .errors import DecodeTimeoutError, InputNotFoundError
 
 CHUNK = 8 * 1024 * 1024
 _lock = threading.Lock()
@@ -52,10 +52,12 @@ def cache_bytes() -> int:
     return int(float(os.environ.get("LITEFRAME_VIDEO_CACHE_BYTES", 20e9)))
 
 
-def spool(uri: str) -> str:
-    """A local copy of a remote video, from the cache when its size and version still match."""
+def spool(uri: str, timeout: float = 600.0) -> str:
+    """A local copy of a remote video, from the cache when its size and version still match.
+    The copy is abandoned (DecodeTimeoutError) once `timeout` seconds have passed."""
     import fsspec
 
+    deadline = time.monotonic() + timeout
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
         meta = fs.info(path)
@@ -78,7 +80,10 @@ def spool(uri: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as out, fs.open(path, "rb", block_size=CHUNK) as src:
-            shutil.copyfileobj(src, out, CHUNK)
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise DecodeTimeoutError(uri, f"download exceeded its {timeout:.1f} s timeout")
         os.replace(tmp, target)
     except FileNotFoundError as e:
         raise InputNotFoundError(uri, f"no such remote object ({e})") from None

@@ -28,6 +28,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import ffmpeg
 import numpy as np
 
 from . import remote
-from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, NotAVideoError, VideoError
+from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, NotAVideoError
 from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, open_error
 
 RESIZE_POLICIES = ("shorter_center_crop", "squash", "pad")
@@ -104,10 +105,10 @@ def video_id(uri: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def _resolve(uri: str) -> str:
+def _resolve(uri: str, timeout: float) -> str:
     """A local, seekable path for the input (remote ones are spooled to the cache)."""
     if remote.is_remote(uri):
-        return remote.spool(uri)
+        return remote.spool(uri, timeout)
     path = remote.local_path(uri)
     check_local(uri, path)
     return path
@@ -115,11 +116,13 @@ def _resolve(uri: str) -> str:
 
 _TABLES: "OrderedDict[tuple, tuple[_FrameTable, VideoInfo]]" = OrderedDict()
 _TABLES_MAX = 64
+_TABLES_LOCK = threading.Lock()  # decode threads of one worker share the cache
 
 
 def clear_probe_cache() -> None:
     """Forget cached frame tables (benchmarks measuring cold probes; long-lived workers)."""
-    _TABLES.clear()
+    with _TABLES_LOCK:
+        _TABLES.clear()
 
 
 def _cache_key(uri: str, path: str) -> tuple:
@@ -135,11 +138,12 @@ def probe(uri: str, timeout: float = 30.0) -> VideoInfo:
 
 
 def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTable, VideoInfo]:
-    path = path or _resolve(uri)
+    path = path or _resolve(uri, timeout)
     key = _cache_key(uri, path)
-    if key in _TABLES:
-        _TABLES.move_to_end(key)
-        return _TABLES[key]
+    with _TABLES_LOCK:
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+            return _TABLES[key]
     deadline = time.monotonic() + timeout
     cmd = (
         ffmpeg.input(path, copyts=None)["V:0"]
@@ -169,10 +173,11 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
 
 
 def _remember(key: tuple, table: _FrameTable, info: VideoInfo) -> None:
-    _TABLES[key] = (table, info)
-    _TABLES.move_to_end(key)
-    while len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
+    with _TABLES_LOCK:
+        _TABLES[key] = (table, info)
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
 
 
 def _decoder_table(uri: str, path: str, stream: int, timeout: float) -> _FrameTable:
@@ -613,8 +618,8 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
     if not np.all(np.isfinite(req)):
         raise ValueError(f"{uri}: timestamps must be finite")
     started = time.monotonic()
-    path = _resolve(uri)
-    table, probed = _load(uri, 30.0 if timeout is None else timeout, path)
+    path = _resolve(uri, 600.0 if timeout is None else timeout)
+    table, probed = _load(uri, 30.0 if timeout is None else max(0.1, timeout - (time.monotonic() - started)), path)
     info = info or probed
     budget = timeout if timeout is not None else 60.0 + 2.0 * max(info.duration, 0.0)
     deadline = started + budget
