@@ -21,9 +21,11 @@ from pipeline import errors
 from pipeline.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["what colour is the square in the video", "the square is red", "the square is blue",
+# Qwen2.5's template without tools: a default system turn when the conversation has none.
+CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                 "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["you are a helpful assistant", "what colour is the square in the video", "the square is red", "the square is blue",
           "the video shows a moving square", "describe the video", "how many squares are there", "one square"]
 FRAMES = 8
 STEPS = 8
@@ -152,6 +154,7 @@ def test_labels_cover_answers_only_and_visual_slots_follow_time_markers(llm_dir)
     answer = tok.decode(ex.labels[ex.labels != IGNORE_INDEX])
     assert answer == "the square is red<|im_end|>\none square<|im_end|>\n"
     text = tok.decode(ex.input_ids[~ex.visual_mask])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<t=0.0s>")
     assert text.index("<t=0.0s>") < text.index("<t=1.5s>") < text.index("<t=3.0s>") < text.index("what colour")
     # the visual slots sit right after each marker: 5 slots between consecutive markers
     slots = ex.visual_mask.int().tolist()
