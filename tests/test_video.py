@@ -175,3 +175,24 @@ def test_edit_list_starting_inside_a_gop(coded, tmp_path):
     for seek_gap in (0.0, 1e9):
         got = decode_frames(str(cut), [0.0, 0.3, 2.0, 6.5], size=32, seek_gap=seek_gap)
         assert indices(got) == [first, first + 3, first + 20, first + 65]
+
+
+@pytest.mark.parametrize("codec, params", [("libx264", ["-x264-params", "open-gop=1:keyint=12:min-keyint=12:bframes=3"]),
+                                           ("libx265", ["-x265-params", "keyint=12:min-keyint=12:bframes=4:log-level=error"])])
+def test_open_gop_sparse_decodes_are_pixel_identical(tmp_path, codec, params):
+    """Open GOPs: pictures just before a keyframe in display order are decoded after it and refer to
+    the previous GOP. Seeking and packet skipping must still give the full decode's exact pixels."""
+    path = tmp_path / f"open_{codec}.mkv"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=24:duration=4",
+                    "-c:v", codec, "-pix_fmt", "yuv420p", *params, str(path)], check=True, timeout=120)
+    full = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-vf",
+                           "scale=96:64:flags=bicubic,scale=flags=bicubic", "-fps_mode", "passthrough",
+                           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    ref = np.frombuffer(full, np.uint8).reshape(-1, 64, 96, 3)
+    info = probe(str(path))
+    assert info.num_frames == len(ref) == 96
+    picks = np.array([10, 11, 23, 35, 36, 47, 59, 70, 71, 95])  # around every keyframe
+    for seek_gap in (0.0, 1e9):
+        got = decode_frames(str(path), picks / 24, size=(64, 96), resize="squash", seek_gap=seek_gap)
+        bad = [int(p) for p, f in zip(picks, got.frames) if not np.array_equal(f, ref[p])]
+        assert not bad, f"frames {bad} differ from the full decode (seek_gap={seek_gap})"
