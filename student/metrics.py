@@ -48,7 +48,7 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_after(self.path, start_step)
+        drop_after(self.path, start_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
@@ -78,8 +78,9 @@ class MetricsLog:
             self.bar.close()
 
 
-def _drop_after(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: forget what the stopped run logged for them."""
+def drop_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget what the stopped run logged for them
+    (JSONL records with a "step" field)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]

@@ -27,7 +27,7 @@ from student.data import (FORMATS, StoreInfo, TrainData, check_store_matches, ev
                           jitter_frames, read_store, synthetic_batches)
 from student.evaluate import evaluate
 from student.loss import LOSSES, distill_loss
-from student.metrics import MetricsLog, StepTimer
+from student.metrics import MetricsLog, StepTimer, drop_after
 
 
 @dataclass
@@ -93,6 +93,39 @@ def setup_distributed() -> Dist:
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), device)
     return Dist(0, 1, device)
+
+
+# Settings that decide which clip lands in which step: exact resume needs them unchanged.
+ORDER_FIELDS = ("data", "format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction", "num_workers")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Fail before any data is read or any process group is made."""
+    problems = []
+    if cfg.loss not in LOSSES:
+        problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.num_workers < 0:
+        problems.append("--batch-size and --max-steps must be >= 1, --num-workers >= 0")
+    if not 0 <= cfg.eval_fraction < 1:
+        problems.append(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig, world_size: int, saved_world: int) -> None:
+    """A resume that would silently see other samples than the stopped run is an error."""
+    now = to_dict(cfg)
+    fields = [f for f in ORDER_FIELDS if f != "num_workers" or cfg.format == "webdataset"]
+    changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in fields if saved.get(f) != now[f]]
+    if world_size != saved_world:
+        changed.append(f"world size: {saved_world} -> {world_size}")
+    if changed:
+        raise ValueError("cannot resume exactly, the sample order would change (" + "; ".join(changed) +
+                         "): restore these settings or train into a new --output")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -219,6 +252,7 @@ def _barrier(env: Dist) -> None:
 def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The whole run; returns the last logged metrics and the evaluation. `on_log(step, metrics)` is
     called on every rank at each logged step (Ray Train reports through it)."""
+    check_config(cfg)
     env = setup_distributed()
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
@@ -238,6 +272,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     last = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if last is not None:
         state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
+        check_resumable(state["config"], cfg, env.world_size, state["world_size"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(rng, env)
         step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
@@ -246,7 +281,11 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     trainer.wrap()
 
     log = MetricsLog(out, env.main, cfg.max_steps, step)
-    trace = open(out / f"samples-rank{env.rank}.jsonl", "a") if cfg.trace_samples else None
+    trace = None
+    if cfg.trace_samples:
+        out.mkdir(parents=True, exist_ok=True)
+        drop_after(out / f"samples-rank{env.rank}.jsonl", step)
+        trace = open(out / f"samples-rank{env.rank}.jsonl", "a")
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -325,6 +364,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
 def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, warmup: int = 3) -> dict[str, float]:
     """Training clips/s and the data-wait fraction, with batches from memory ("synthetic") or streamed
     from cfg.data ("store"), for bench/ scripts. Nothing is saved."""
+    check_config(cfg)
     env = setup_distributed()
     info = read_store(cfg.data)
     trainer = Trainer(cfg, info, env)

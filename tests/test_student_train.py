@@ -20,7 +20,7 @@ from student import checkpoint
 from student.data import SchemaMismatchError
 from student.evaluate import evaluate
 from student.loss import distill_loss
-from student.train import TrainConfig, train
+from student.train import TrainConfig, throughput, train
 from test_student_data import D, N, write_tiny_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,20 +65,22 @@ def test_loss_falls_and_the_run_directory_is_a_model(store_root, tmp_path):
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_resume_gives_bit_identical_weights(store_root, tmp_path, fmt):
     # 24 clips less held-out ones, batch 4: epochs of a few steps, so step 7 is mid-epoch.
-    args = ("--max-steps", "14", "--format", fmt, "--augment", "0.3", "--trace-samples", "--eval-fraction", "0.2")
+    args = ("--max-steps", "10", "--format", fmt, "--augment", "0.3", "--trace-samples", "--eval-fraction", "0.2")
     a, b = tmp_path / "a", tmp_path / "b"
     train(_cfg(store_root, a, *args))
     train(_cfg(store_root, b, *args, "--stop-after", "7"))
     assert not (b / "model.safetensors").exists()          # stopped, not finished
     assert checkpoint.latest(b / "checkpoints").name == "step-00000007"
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):     # another order: refused, not silently inexact
+        train(_cfg(store_root, b, *args, "--resume", "--seed", "1"))
     train(_cfg(store_root, b, *args, "--resume"))
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ta = (a / "samples-rank0.jsonl").read_text().splitlines()
     tb = (b / "samples-rank0.jsonl").read_text().splitlines()
-    assert ta == tb and len(ta) == 14
-    assert [r["step"] for r in _records(b) if "loss" in r] == list(range(1, 15))
+    assert ta == tb and len(ta) == 10
+    assert [r["step"] for r in _records(b) if "loss" in r] == list(range(1, 11))
     assert [r["loss"] for r in _records(a) if "loss" in r] == [r["loss"] for r in _records(b) if "loss" in r]
 
 
@@ -138,3 +140,9 @@ def test_evaluation_of_perfect_and_trivial_predictors():
                  device=torch.device("cpu"))
     assert r["cosine"] == pytest.approx(1.0, abs=1e-5) and r["r2"] == pytest.approx(1.0)
     assert r["trivial_r2"] < 0.1 and r["trivial_cosine"] < 0.99 and r["clips"] == 3
+
+
+def test_throughput_hook_for_benchmarks(store_root, tmp_path):
+    for source in ("synthetic", "store"):
+        r = throughput(_cfg(store_root, tmp_path / source), source=source, steps=2, warmup=1)
+        assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["batch_size"] == 4
