@@ -27,7 +27,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records
-from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM
+from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM, resolve_device
 from pipeline.config import parse_config, to_dict
 from pipeline.errors import VideoError
 from student import checkpoint
@@ -155,12 +155,6 @@ class VideoStream:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TrainableWeights(nn.Module):

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lma.data import load_frames
-from lma.finetune import resolve_device
-from lma.modeling import VideoLLM
+from lma.modeling import VideoLLM, resolve_device
 from pipeline.config import parse_config
 from pipeline.errors import VideoError
 

@@ -69,6 +69,13 @@ class VideoProjector(nn.Module):
         return x + y if self.kind == "residual" else y
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" = the first GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on GPU (the paper's setting), fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
