@@ -93,6 +93,7 @@ class _FrameTable:
     from_decoder: bool
     format_start: float = 0.0  # container start time: ffmpeg's -ss counts from it
     codec: str = ""
+    damaged: bool = False  # the codec's parser complained while demuxing: some packet is broken
 
 
 def video_id(uri: str) -> str:
@@ -166,7 +167,8 @@ def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTabl
         table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()))
     else:
         table = _table(pts, dts, flags, tb)
-    table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"])
+    damaged = any(line.startswith(f"[{header['codec']} @ ") for line in err.splitlines())
+    table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"], damaged=damaged)
     info = _info(uri, header, table)
     _remember(key, table, info)
     return table, info
@@ -565,7 +567,9 @@ def _plan(table: _FrameTable, wanted: np.ndarray, seek_gap: float) -> list[_Run]
 def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, slots: np.ndarray,
          eps: float, chain: list[tuple], out: np.ndarray, threads: int, deadline: float) -> tuple[int, str]:
     """One ffmpeg process delivering `run.frames` into `out[slots]`; returns (frames delivered, stderr)."""
-    in_opts = {"copyts": None, "noautorotate": None, "threads": threads}
+    # Frame-threaded decoding flags corrupt frames unreliably (a race); on a damaged stream decode
+    # single-threaded so `-xerror` refuses every frame the decoder knows to be concealed.
+    in_opts = {"copyts": None, "noautorotate": None, "threads": 1 if table.damaged else threads}
     if run.seek is not None:
         in_opts.update(ss=f"{max(0.0, run.seek - table.format_start - 5e-4):.6f}", noaccurate_seek=None)
     if run.keep is not None:
@@ -656,7 +660,7 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
             break
         # Packet times may disagree with what the decoder outputs: ask the decoder once.
         table = dataclasses.replace(_decoder_table(uri, path, info.stream, max(1.0, deadline - time.monotonic())),
-                                    format_start=table.format_start, codec=table.codec)
+                                    format_start=table.format_start, codec=table.codec, damaged=table.damaged)
     wanted, got, err = short
     missing_t = float(table.times[wanted[got]] - table.times[0])
     raise CorruptVideoError(

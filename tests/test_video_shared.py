@@ -72,17 +72,18 @@ def test_hevc_ts_start_time_and_relative_timestamps(shared_videos):
 
 def test_corrupted_mp4_documented_behaviour(shared_videos):
     """corrupted.mp4 (decord's broken file): its header lists 50 frames; one packet is damaged
-    ('Invalid NAL unit size'; plain decoding stops after 2.7 s). A request is served when none of the
-    packets its frames need (keyframe to frame, in decode order) is damaged, bit-exact; otherwise
-    CorruptVideoError naming the file. Never concealed garbage."""
+    ('Invalid NAL unit size'). Frames 0-2.8 s come back bit-exact; any request for a later frame
+    raises CorruptVideoError naming the file: the decoder (single-threaded on streams whose packets
+    failed to parse, with -xerror) reports them damaged or concealed. Never concealed garbage."""
     path = shared_videos / "corrupted.mp4"
     if not path.exists():
         pytest.skip("corrupted.mp4 absent")
     info = probe(str(path))
     assert info.num_frames == 50 and (info.width, info.height) == (1280, 720)
-    good = decode_frames(str(path), np.arange(0, 2.75, 0.1), size=32)
-    np.testing.assert_allclose(good.timestamps, np.arange(28) / 10, atol=1e-6)
-    for req in ([3.0], [4.5], [0.0, 4.5]):
+    good = decode_frames(str(path), np.arange(29) / 10, size=(36, 64), resize="squash")
+    np.testing.assert_allclose(good.timestamps, np.arange(29) / 10, atol=1e-6)
+    np.testing.assert_array_equal(good.frames, reference_frames(path, info.stream, 64, 36)[:29])
+    for req in ([2.9], [3.2], [4.5], [0.0, 4.5]):
         with pytest.raises(CorruptVideoError) as e:
             decode_frames(str(path), req, size=32)
         assert str(path) in str(e.value)
