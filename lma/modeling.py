@@ -122,7 +122,8 @@ class VideoLLM(nn.Module):
         proj = VideoProjector(scfg.target_dim, hidden, projector).to(device)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")
-        config = VideoLLMConfig(llm=llm, projector_kind=proj.kind, projector_in=scfg.target_dim,
+        llm_ref = str(Path(llm).resolve()) if Path(llm).is_dir() else llm   # loadable from any cwd
+        config = VideoLLMConfig(llm=llm_ref, projector_kind=proj.kind, projector_in=scfg.target_dim,
                                 hidden_size=hidden, clip_frames=scfg.clip_frames,
                                 tokens_per_clip=scfg.target_tokens, image_size=scfg.image_size, frames=frames)
         return cls(config, student, proj, get_peft_model(base, lora), tokenizer, train_student)

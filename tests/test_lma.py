@@ -17,6 +17,7 @@ from lma.data import (IGNORE_INDEX, RecordError, clip_start_times, parse_record,
                       sample_timestamps, tokenize_conversation)
 from lma.finetune import FinetuneConfig, finetune
 from lma.modeling import VideoLLM, VideoProjector
+from lma.testing import CORPUS as TINY_CORPUS
 from pipeline import errors
 from pipeline.config import parse_config
 
@@ -25,34 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                  "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["you are a helpful assistant", "what colour is the square in the video", "the square is red", "the square is blue",
-          "the video shows a moving square", "describe the video", "how many squares are there", "one square"]
+CORPUS = ("you are a helpful assistant", *TINY_CORPUS)
 FRAMES = 8
 STEPS = 8
 
 
 @pytest.fixture(scope="session")
 def llm_dir(tmp_path_factory) -> Path:
-    """A Qwen-style chat tokenizer (byte-level BPE trained here) and a 2-layer random Qwen2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    """lma.testing's tiny random Qwen2 + trained BPE, with Qwen2.5's default-system chat template."""
+    from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("llm")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=CHAT_TEMPLATE)
+    from lma.testing import make_tiny_llm
+
+    out = make_tiny_llm(tmp_path_factory.mktemp("llm"), CORPUS)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         initializer_range=0.1)   # std 0.02 gives near-uniform logits a few steps cannot move
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out
 
 
