@@ -14,6 +14,15 @@ from pipeline.video import decode_frames, probe, video_id
 FPS = 10
 
 
+@pytest.fixture(autouse=True)
+def skip_unreferenced_even_in_tiny_videos(monkeypatch):
+    """Production skips the reference scan for small videos (not worth a process); these tests
+    force the full path: reference flags read, unreferenced packets dropped."""
+    import pipeline.video as video
+
+    monkeypatch.setattr(video, "REF_SCAN_MIN", 0)
+
+
 @pytest.fixture(scope="session")
 def coded(tmp_path_factory):
     """name -> (path, expected frame times) for every variant the decoder must get exactly right."""
@@ -160,6 +169,8 @@ def test_unreferenced_pictures_are_found_and_skipped(coded):
     unref = np.sort(table.packets.frame[~ref])[:5]
     got = decode_frames(path, times[unref], size=32)
     assert indices(got) == unref.tolist()
+    cached, _ = video._load(path, 30.0)
+    assert cached.packets.ref is not None  # decode_frames read and kept the flags
 
 
 def test_edit_list_starting_inside_a_gop(coded, tmp_path):
