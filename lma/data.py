@@ -17,6 +17,8 @@ import fsspec
 import numpy as np
 import torch
 
+from pipeline.remote import storage_options
+
 VIDEO_PLACEHOLDER = "<video>"
 TIME_MARKER = "<t={:.1f}s>"
 IGNORE_INDEX = -100
@@ -118,8 +120,6 @@ def resolve_video(video: str, base: str) -> str:
 
 def read_records(uri: str, placeholder: str = VIDEO_PLACEHOLDER) -> tuple[list[VideoRecord], list[RecordError]]:
     """All usable records of a JSONL file (local or any fsspec URL), and one error per bad line."""
-    from pipeline.remote import storage_options
-
     base = posixpath.dirname(uri)
     with fsspec.open(uri, "rt", encoding="utf-8", errors="replace", **storage_options(uri)) as f:
         lines = f.read().splitlines()
@@ -149,6 +149,7 @@ def sample_timestamps(duration: float, frames: int, available: int | None = None
 def load_frames(uri: str, frames: int, size: int, timeout: float | None = None):
     """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
     Raises `pipeline.errors.VideoError` subclasses for unusable videos."""
+    # Imported here: the model, tokenisation and benchmarks must run where ffmpeg is not installed.
     from pipeline.video import decode_frames, probe
 
     info = probe(uri, timeout=timeout or 30.0)
