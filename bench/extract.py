@@ -81,6 +81,7 @@ class BenchConfig:
     pipeline_variants: tuple[str, ...] | None = field(default=None, metadata={
         "help": "variants for pipeline/decode parts (default: --variants); decode uses the last"})
     pipeline_frames: int = field(default=256, metadata={"help": "frames per stage batch in pipeline/decode parts"})
+    pipeline_threads: tuple[int, ...] = field(default=(1, 2), metadata={"help": "concurrent stage calls"})
     pipeline_chunk_frames: tuple[int, ...] = field(default=(256, 64),
                                                   metadata={"help": "frames per forward inside the stage"})
     decode_workers: tuple[int, ...] = field(default=(1, 4, 8, 15), metadata={"help": "process-pool sizes"})
@@ -271,26 +272,81 @@ def _teacher_rate(rows: list, variant: str, fpf: int) -> float | None:
 
 def part_pipeline(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, teacher_rows: list) -> list:
     """TeacherStage over host batches of `pipeline_frames` frames, forwarded in chunks of
-    `pipeline_chunk_frames` (smaller chunks let the next chunk's upload hide behind compute)."""
+    `pipeline_chunk_frames`, called from 1 or more threads at once (a Ray actor's max_concurrency):
+    with 2, one call's host work (upload, target conversion) hides behind the other's GPU work."""
     rows = []
     fpf, cfr = cfg.pipeline_frames, cfg.clip_frames
-    batches = _host_batches(3, fpf // cfr, cfr, shape["image_size"])
+    batches = _host_batches(4, fpf // cfr, cfr, shape["image_size"])
     for variant in cfg.pipeline_variants or cfg.variants:
         for chunk in cfg.pipeline_chunk_frames:
             stage = _stage(path, device, variant, chunk)
             for b in batches[:2]:
                 stage(dict(b))
-            it = iter(range(1 << 30))
-            sec, iters = _time_loop(lambda: stage(dict(batches[next(it) % len(batches)])), device, cfg.seconds)
-            clips_s = (fpf // cfr) / sec
-            alone = _teacher_rate(teacher_rows, variant, fpf)
-            rows.append({"part": "pipeline", "variant": variant, "frames_per_forward": chunk,
-                         "batch_frames": fpf, "clips_per_s": clips_s, "frames_per_s": clips_s * cfr,
-                         "teacher_only_clips_per_s": alone, "efficiency": clips_s / alone if alone else None,
-                         "iters": iters})
-            print(_row_text(rows[-1]), flush=True)
+            if chunk == min(cfg.pipeline_chunk_frames):
+                rows.append(_stage_breakdown(stage, batches, device, variant, chunk))
+                print(_row_text(rows[-1]), flush=True)
+            for threads in cfg.pipeline_threads:
+                clips_s, calls = _stage_rate(stage, batches, threads, cfg.seconds)
+                alone = _teacher_rate(teacher_rows, variant, fpf)
+                rows.append({"part": "pipeline", "variant": variant, "frames_per_forward": chunk,
+                             "batch_frames": fpf, "threads": threads, "clips_per_s": clips_s,
+                             "frames_per_s": clips_s * cfr, "teacher_only_clips_per_s": alone,
+                             "efficiency": clips_s / alone if alone else None, "calls": calls})
+                print(_row_text(rows[-1]), flush=True)
             del stage
     return rows
+
+
+def _stage_rate(stage, batches: list[dict], threads: int, seconds: float) -> tuple[float, int]:
+    """Clips/s of `stage` called back to back from `threads` threads for about `seconds`."""
+    import threading
+
+    stop = time.perf_counter() + seconds
+    done = [0] * threads
+
+    def worker(i: int) -> None:
+        k = i
+        while time.perf_counter() < stop:
+            out = stage(dict(batches[k % len(batches)]))
+            done[i] += len(out["target"])
+            k += threads
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(done) / (time.perf_counter() - start), sum(done)
+
+
+def _stage_breakdown(stage, batches: list[dict], device: torch.device, variant: str, chunk: int) -> dict:
+    """Where one TeacherStage call's time goes (each step synchronised), median of 5 calls."""
+    from pipeline.compress import compress_tokens
+    from pipeline.store import encode_target
+
+    steps: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        steps.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for i in range(5):
+        frames = batches[i % len(batches)]["frames"]
+        tokens = timed("encode_from_host_s", lambda: stage.teacher.encode(frames))
+        target = timed("compress_s", lambda: compress_tokens(tokens, stage.compression))
+        host = timed("to_host_f32_s", lambda: target.float().cpu().numpy())
+        timed("encode_target_cpu_s", lambda: encode_target(host, "float16"))
+        timed("to_host_f16_on_gpu_s", lambda: target.to(torch.float16).cpu().numpy())
+        on_device = torch.as_tensor(frames).to(device)
+        timed("encode_from_device_s", lambda: stage.teacher.encode(on_device))
+        del tokens, target, on_device
+    return {"part": "stage-breakdown", "variant": variant, "frames_per_forward": chunk,
+            **{k: statistics.median(v) for k, v in steps.items()}}
 
 
 def host_to_device(device: torch.device, frames: int, size: int, seconds: float) -> dict:
@@ -338,48 +394,65 @@ def _pool(workers: int) -> cf.ProcessPoolExecutor:
 
 
 def _run_decode(videos: list[str], workers: int, cfg: BenchConfig, size: int, seconds: float,
-                consume=None) -> dict:
-    """Feed (video, seed) tasks to the pool for `seconds`; optional `consume(clip_batch)` on the main thread."""
+                consume: "_Consumer | None" = None) -> dict:
+    """Feed (video, seed) tasks to the pool for `seconds`. With `consume`, decoded clips are regrouped
+    into stage batches and handed to consumer threads that run the teacher stage."""
+    import queue
+    import threading
+
     tasks = ((v, seed) for seed in range(1 << 20) for v in videos)
-    clips = 0
-    cpu = 0.0
-    errors = 0
-    busy = 0.0
-    pending_frames: list[np.ndarray] = []
+    counted = {"clips": 0, "cpu": 0.0, "errors": 0}
+    ready: queue.Queue = queue.Queue(maxsize=4)
+    pending: list[np.ndarray] = []
     sample = None
+    stop = threading.Event()
+
+    def consumer() -> None:
+        while not stop.is_set():
+            try:
+                batch = ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            consume(batch)
+            counted["clips"] += len(batch["frames"])
+
+    threads = [threading.Thread(target=consumer) for _ in range(consume.threads if consume else 0)]
     with _pool(workers) as pool:
         list(pool.map(_noop, range(workers)))          # start-up (imports) outside the timed window
         inflight = {pool.submit(_decode_task, *next(tasks), cfg.clip_frames, size, cfg.views)
                     for _ in range(2 * workers)}
+        for t in threads:
+            t.start()
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+            done, inflight = cf.wait(inflight, timeout=0.5, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                batches, c, err = fut.result()
-                cpu += c
-                errors += err is not None
+                batches, cpu, err = fut.result()
+                counted["cpu"] += cpu
+                counted["errors"] += err is not None
                 for b in batches:
                     sample = b["frames"] if sample is None else sample
                     if consume is None:
-                        clips += len(b["frames"])
+                        counted["clips"] += len(b["frames"])
                     else:
-                        pending_frames.append(b["frames"])
+                        pending.append(b["frames"])
                 inflight.add(pool.submit(_decode_task, *next(tasks), cfg.clip_frames, size, cfg.views))
-            if consume is not None:
-                while sum(len(f) for f in pending_frames) >= consume.clips:
-                    frames = np.concatenate(pending_frames)
-                    batch, rest = frames[: consume.clips], frames[consume.clips:]
-                    pending_frames = [rest] if len(rest) else []
-                    t0 = time.perf_counter()
-                    consume({"frames": batch})
-                    busy += time.perf_counter() - t0
-                    clips += len(batch)
+            while consume is not None and sum(len(f) for f in pending) >= consume.clips:
+                frames = np.concatenate(pending)
+                pending = [frames[consume.clips:]] if len(frames) > consume.clips else []
+                try:
+                    ready.put({"frames": frames[: consume.clips]}, timeout=max(0.0, seconds - (time.perf_counter() - start)))
+                except queue.Full:
+                    break
         wall = time.perf_counter() - start
+        stop.set()
+        for t in threads:
+            t.join()
         for fut in inflight:
             fut.cancel()
-    return {"workers": workers, "clips_per_s": clips / wall, "cpu_s_per_clip_est": cpu / max(clips, 1),
-            "errors": errors, "seconds": wall, "teacher_busy": busy / wall if consume is not None else None,
-            "sample": sample}
+    clips = counted["clips"]
+    return {"workers": workers, "clips_per_s": clips / wall, "cpu_s_per_clip_est": counted["cpu"] / max(clips, 1),
+            "errors": counted["errors"], "seconds": wall, "sample": sample}
 
 
 def _noop(_: int) -> None:
@@ -387,8 +460,8 @@ def _noop(_: int) -> None:
 
 
 class _Consumer:
-    def __init__(self, stage, clips: int):
-        self.stage, self.clips = stage, clips
+    def __init__(self, stage, clips: int, threads: int):
+        self.stage, self.clips, self.threads = stage, clips, threads
 
     def __call__(self, batch: dict) -> None:
         self.stage(batch)
@@ -427,14 +500,18 @@ def part_decode(cfg: BenchConfig, path: Path, shape: dict, device: torch.device,
     for b in _host_batches(2, fpf // cfr, cfr, size):
         stage(b)
     workers = max(cfg.decode_workers)
-    r = _run_decode(videos, workers, cfg, size, cfg.decode_seconds, consume=_Consumer(stage, fpf // cfr))
+    threads = max(cfg.pipeline_threads)
+    r = _run_decode(videos, workers, cfg, size, cfg.decode_seconds, consume=_Consumer(stage, fpf // cfr, threads))
     r.pop("sample")
     alone = _teacher_rate(teacher_rows, variant, fpf)
     # CPU seconds per clip measured with the whole node decoding (ffmpeg threads included), plus JPEG.
     full_node = rows[len(cfg.decode_workers) - 1]
     cpu_per_clip = full_node["cpu_s_per_clip_est"] + jpeg
     need = 0.9 * alone * cpu_per_clip if alone else None
-    rows.append({"part": "decode+teacher", "variant": variant, **r, "teacher_only_clips_per_s": alone,
+    # cpu_s_per_clip_est here counts only the clips the teacher finished, so it is not a decode cost.
+    r.pop("cpu_s_per_clip_est")
+    rows.append({"part": "decode+teacher", "variant": variant, **r, "stage_threads": threads,
+                 "teacher_only_clips_per_s": alone, "teacher_busy": r["clips_per_s"] / alone if alone else None,
                  "cpu_s_per_clip_decode_jpeg": cpu_per_clip, "cpu_cores_per_gpu_for_90pct": need,
                  "videos": [Path(v).name for v in videos]})
     print(_row_text(rows[-1]), flush=True)
@@ -522,11 +599,14 @@ def markdown(result: dict) -> str:
     cols = {
         "teacher": ["variant", "frames_per_forward", "frames_per_s", "clips_per_s", "tflops", "pct_matmul",
                     "rel_err_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
-        "pipeline": ["variant", "batch_frames", "frames_per_forward", "clips_per_s", "teacher_only_clips_per_s",
-                     "efficiency"],
+        "stage-breakdown": ["variant", "frames_per_forward", "encode_from_host_s", "encode_from_device_s",
+                            "compress_s", "to_host_f32_s", "encode_target_cpu_s", "to_host_f16_on_gpu_s"],
+        "pipeline": ["variant", "batch_frames", "frames_per_forward", "threads", "clips_per_s",
+                     "teacher_only_clips_per_s", "efficiency"],
         "decode-only": ["workers", "clips_per_s", "clips_per_s_per_worker", "cpu_s_per_clip_est", "errors"],
         "jpeg-encode": ["workers", "cpu_s_per_clip", "clips_per_s"],
-        "decode+teacher": ["variant", "workers", "clips_per_s", "teacher_only_clips_per_s", "teacher_busy",
+        "decode+teacher": ["variant", "workers", "stage_threads", "clips_per_s", "teacher_only_clips_per_s",
+                           "teacher_busy",
                            "cpu_s_per_clip_decode_jpeg", "cpu_cores_per_gpu_for_90pct"],
         "ray-vs-local": ["clips", "ray_clips_per_s", "local_clips_per_s", "ray_over_local", "ray_wall_s",
                          "local_wall_s"],
