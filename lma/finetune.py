@@ -66,7 +66,8 @@ class FinetuneConfig:
     projector: str = field(default="auto", metadata={"help": "auto | mlp | residual"})
     train_student: bool = field(default=False, metadata={"help": "unfreeze the student"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for LLM memory"})
-    max_length: int | None = field(default=None, metadata={"help": "skip samples longer than this"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "skip samples longer than this many tokens; default: the LLM's max_position_embeddings"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -199,7 +200,8 @@ def _examples(model: VideoLLM, stream: Iterator, cfg: FinetuneConfig, skipped: S
     """(example, frames) pairs; a conversation that cannot be tokenised is skipped like a bad video."""
     for rec, frames, timestamps in stream:
         try:
-            example = model.prompt(rec.messages, timestamps, max_length=cfg.max_length)
+            limit = cfg.max_length or getattr(model.llm.config, "max_position_embeddings", None)
+            example = model.prompt(rec.messages, timestamps, max_length=limit)
         except ValueError as err:
             skipped.add(rec.line, rec.video, "tokenize", type(err).__name__, str(err))
             continue

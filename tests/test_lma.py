@@ -58,7 +58,8 @@ def student_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory) -> Path:
     """4 good records over 2 generated videos (relative and absolute paths, both formats), plus
-    bad lines: 2 not JSON, 3 no video, 5 a file that is not a video, 7 a missing video."""
+    bad lines: 2 not JSON, 3 no video, 5 a file that is not a video, 7 a missing video, 10 longer
+    than the trained run's --max-length."""
     from pipeline.samples import make_video
 
     root = tmp_path_factory.mktemp("lma_data")
@@ -83,6 +84,8 @@ def data_file(tmp_path_factory) -> Path:
         "",
         json.dumps({"video": "a.mp4", "conversations": [{"from": "human", "value": "describe the video"},
                                                          {"from": "gpt", "value": "the video shows a moving square"}]}),
+        json.dumps({"video": "a.mp4", "conversations": [{"from": "human", "value": "describe the video"},
+                                                         {"from": "gpt", "value": "the square is red " * 100}]}),
     ]
     path = root / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -93,7 +96,7 @@ def _config(student_dir, llm_dir, data_file, output, *extra) -> FinetuneConfig:
     return parse_config(FinetuneConfig, [
         "--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(output),
         "--frames", str(FRAMES), "--max-steps", str(STEPS), "--batch-size", "2", "--lr", "1e-2", "--warmup-ratio", "0",
-        "--save-every", str(STEPS // 2), "--seed", "1", *extra])
+        "--save-every", str(STEPS // 2), "--seed", "1", "--max-length", "200", *extra])
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +109,7 @@ def trained(tmp_path_factory, student_dir, llm_dir, data_file) -> Path:
 # ---- data ---------------------------------------------------------------------------------------
 def test_records_both_formats_and_bad_lines_with_line_numbers(data_file):
     records, errors = read_records(str(data_file))
-    assert [r.line for r in records] == [1, 4, 5, 6, 7, 9]     # junk/missing videos fail later, at decode
+    assert [r.line for r in records] == [1, 4, 5, 6, 7, 9, 10]   # bad videos and lengths fail later
     assert {e.line for e in errors} == {2, 3}
     assert "not JSON" in str(next(e for e in errors if e.line == 2))
     assert records[0].video == str(data_file.parent / "a.mp4")
@@ -214,7 +217,7 @@ def _dataset_loss(model: VideoLLM, data_file: Path) -> float:
     losses = []
     with torch.no_grad():
         for rec in records:
-            if "junk" in rec.video or "missing" in rec.video:
+            if rec.line in (5, 7, 10):        # skipped in training: bad video, missing video, too long
                 continue
             frames, ts = load_frames(rec.video, FRAMES, model.config.image_size)
             batch = collate([model.prompt(rec.messages, ts)], model.tokenizer.pad_token_id)
@@ -225,11 +228,12 @@ def _dataset_loss(model: VideoLLM, data_file: Path) -> float:
 def test_finetune_lowers_loss_and_skips_bad_records_by_line(trained, student_dir, llm_dir, data_file):
     skipped = [json.loads(t) for t in (trained / "skipped.jsonl").read_text().splitlines()]
     by_line = {row["line"]: row for row in skipped}
-    assert sorted(by_line) == [2, 3, 5, 7]
+    assert sorted(by_line) == [2, 3, 5, 7, 10]
     assert by_line[2]["stage"] == "parse" and by_line[3]["stage"] == "parse"
     assert issubclass(getattr(errors, by_line[5]["error_type"]), errors.VideoError)   # A's classification
     assert by_line[5]["video"].endswith("junk.mp4")
     assert by_line[7]["error_type"] == "InputNotFoundError"
+    assert by_line[10]["stage"] == "tokenize" and "max_length 200" in by_line[10]["message"]
 
     rows = [json.loads(t) for t in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
