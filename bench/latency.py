@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": str(dtype), "warmup": args.warmup, "reps": args.reps,
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "attention": {"vit": model.config.vision_config._attn_implementation,
+                         "llm": model.config.text_config._attn_implementation},
+           "compiled_student": "student.fast.FastEncoder defaults" if args.compile else None}
     print(json.dumps(env))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -73,7 +73,7 @@ class FinetuneConfig:
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     decode_timeout: float = field(default=120.0, metadata={"help": "seconds per video decode"})
-    prefetch: int = field(default=2, metadata={"help": "videos decoded ahead in background threads"})
+    prefetch: int = field(default=4, metadata={"help": "videos decoded ahead in background threads"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output"})
     merge: bool = field(default=False, metadata={"help": "merge the LoRA adapter into the saved LLM"})
 
