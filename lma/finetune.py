@@ -36,9 +36,10 @@ from student.metrics import MetricsLog
 log = logging.getLogger("lma.finetune")
 
 # Changing these between a checkpoint and its resume would not continue the same run.
-_RUN_DEFINING = ("student", "llm", "data", "frames", "batch_size", "grad_accum", "lr", "warmup_ratio",
-                 "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "projector",
-                 "train_student", "seed", "max_length")
+# (max_steps and epochs shape the cosine schedule, so they count too.)
+_RUN_DEFINING = ("student", "llm", "data", "frames", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
+                 "warmup_ratio", "weight_decay", "grad_clip", "lora_r", "lora_alpha", "lora_dropout",
+                 "lora_targets", "projector", "train_student", "seed", "max_length")
 
 
 @dataclass
