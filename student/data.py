@@ -164,39 +164,42 @@ _SHARDS, _SHUFFLE, _AUGMENT, _ZARR = 1, 2, 3, 4   # RNG stream tags
 def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     """The output order of a shuffle buffer of `buffer` slots fed positions 0..n-1 (webdataset's
     algorithm). Output j always comes from the first j + buffer inputs, which bounds memory."""
-    if buffer <= 1:
+    if buffer <= 1 or n <= 1:
         return np.arange(n)
+    # The buffer's fill level at each draw is known in advance, so all draws are made at once.
+    picks = (rng.random(n) * np.minimum(buffer, n - np.arange(n))).astype(np.int64)
     out = np.empty(n, dtype=np.int64)
-    buf: list[int] = []
-    j = 0
-    for x in range(n):
-        buf.append(x)
-        if len(buf) < buffer:
-            continue
-        k = int(rng.integers(len(buf)))
+    buf: list[int] = list(range(min(buffer - 1, n)))
+    nxt = len(buf)
+    for j in range(n):
+        if nxt < n:
+            buf.append(nxt)
+            nxt += 1
+        k = int(picks[j])
         buf[k], buf[-1] = buf[-1], buf[k]
         out[j] = buf.pop()
-        j += 1
-    while buf:
-        k = int(rng.integers(len(buf)))
-        buf[k], buf[-1] = buf[-1], buf[k]
-        out[j] = buf.pop()
-        j += 1
     return out
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """Where each sample of one epoch comes from, for every (rank, stream)."""
+    """Where each sample of one epoch comes from, for every (rank, stream). Shuffled orders are made
+    per stream on demand, so a rank only pays for its own streams."""
 
     rows: np.ndarray         # int64 [streams, length, 2]: (shard, row) per position, in read order
-    order: np.ndarray        # int64 [streams, length]: shuffled positions (output j reads position order[j])
     batch_size: int
     streams_per_rank: int
+    shuffle_buffer: int = 0
+    seed: int = 0
+    epoch: int = 0
 
     @property
     def batches_per_rank(self) -> int:
         return self.streams_per_rank * math.ceil(self.rows.shape[1] / self.batch_size)
+
+    def order(self, stream: int) -> np.ndarray:
+        """Output j of the stream reads position order(stream)[j]."""
+        return shuffle_buffer_order(self.rows.shape[1], self.shuffle_buffer, _rng(self.seed, self.epoch, _SHUFFLE, stream))
 
 
 def plan_epoch(counts: Sequence[int], keep: Sequence[np.ndarray] | None, *, fmt: str, seed: int, epoch: int,
@@ -209,24 +212,20 @@ def plan_epoch(counts: Sequence[int], keep: Sequence[np.ndarray] | None, *, fmt:
         streams = world_size * streams_per_rank
     elif fmt == "zarr":
         shard_order = np.arange(len(counts))
-        streams = world_size
+        streams, streams_per_rank, shuffle_buffer = world_size, 1, 0
+        # one stream per rank, already shuffled; its batches are shared round-robin by the workers
     else:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    seq = np.array([(s, r) for s in shard_order for r in np.flatnonzero(keep[s])], dtype=np.int64).reshape(-1, 2)
+    parts = [np.stack([np.full(len(r), s), r], axis=1) for s in shard_order for r in [np.flatnonzero(keep[s])]]
+    seq = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), dtype=np.int64)
     if len(seq) == 0:
         raise StoreContentError("no training clips in the store (all held out, or the store is empty)")
     if fmt == "zarr":
         seq = seq[_rng(seed, epoch, _ZARR).permutation(len(seq))]
     length = math.ceil(len(seq) / (streams * batch_size)) * batch_size
     rows = seq[np.arange(streams * length) % len(seq)].reshape(streams, length, 2)
-    if fmt == "webdataset":
-        order = np.stack([shuffle_buffer_order(length, shuffle_buffer, _rng(seed, epoch, _SHUFFLE, s))
-                          for s in range(streams)])
-    else:
-        order = np.broadcast_to(np.arange(length), (streams, length))
-        # one stream per rank: its batches are shared round-robin by the workers
-    return EpochPlan(rows=rows, order=order, batch_size=batch_size,
-                     streams_per_rank=streams_per_rank if fmt == "webdataset" else 1)
+    return EpochPlan(rows=rows, batch_size=batch_size, streams_per_rank=streams_per_rank,
+                     shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch)
 
 
 def rank_batches(plan: EpochPlan, rank: int, batch: int) -> tuple[int, int]:
@@ -240,7 +239,7 @@ def epoch_clip_ids(info: StoreInfo, plan: EpochPlan, rank: int) -> list[list[str
     out = []
     for b in range(plan.batches_per_rank):
         stream, first = rank_batches(plan, rank, b)
-        pos = plan.order[stream, first:first + plan.batch_size]
+        pos = plan.order(stream)[first:first + plan.batch_size]
         out.append([info.clip_ids[s][r] for s, r in plan.rows[stream, pos]])
     return out
 
@@ -403,7 +402,7 @@ class ClipStream(IterableDataset):
         for b in batches:
             stream, first = rank_batches(self.plan, self.rank, b)
             items = []
-            for p in self.plan.order[stream, first:first + self.plan.batch_size]:
+            for p in range(first, min(first + self.plan.batch_size, self.plan.rows.shape[1])):
                 shard, row = (int(v) for v in self.plan.rows[stream, p])
                 items.append(self._item(stream, int(p), (shard, row), *z.read(shard, row)))
             yield _collate(items)
@@ -415,7 +414,7 @@ class ClipStream(IterableDataset):
             raise ValueError(f"the epoch was planned for {self.plan.streams_per_rank} loader workers, "
                              f"the DataLoader has {workers}")
         stream, first = rank_batches(self.plan, self.rank, batches[0])
-        rows, order = self.plan.rows[stream], self.plan.order[stream]
+        rows, order = self.plan.rows[stream], self.plan.order(stream)
         needed = np.zeros(len(rows), dtype=bool)
         needed[order[first:]] = True
         source = _read_positions(self.info, rows, needed)
@@ -477,7 +476,7 @@ def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
         raise StoreContentError(f"{info.root}: no clips to evaluate")
     # One stream whose length is not a multiple of the batch: the last batch is short, so no
     # clip is counted twice.
-    plan = EpochPlan(rows=seq[None], order=np.arange(len(seq))[None], batch_size=batch_size, streams_per_rank=1)
+    plan = EpochPlan(rows=seq[None], batch_size=batch_size, streams_per_rank=1)
     return DataLoader(ClipStream(info, plan, fmt=fmt, rank=0), batch_size=None, num_workers=0)
 
 

@@ -72,7 +72,7 @@ def _plan(counts, **kw):
 
 
 def _ids(plan):
-    return [tuple(map(tuple, plan.rows[s, plan.order[s]])) for s in range(plan.rows.shape[0])]
+    return [tuple(map(tuple, plan.rows[s, plan.order(s)])) for s in range(plan.rows.shape[0])]
 
 
 def test_order_is_a_function_of_seed_and_epoch():
@@ -96,7 +96,7 @@ def test_no_rank_or_worker_runs_dry(fmt, world, workers, batch):
     for rank in range(world):
         for b in range(plan.batches_per_rank):
             stream, first = sd.rank_batches(plan, rank, b)
-            pos = plan.order[stream, first:first + batch]
+            pos = plan.order(stream)[first:first + batch]
             assert len(pos) == batch
             seen += [tuple(r) for r in plan.rows[stream, pos]]
     wanted = {(s, r) for s in range(len(counts)) for r in range(counts[s]) if keep[s][r]}
@@ -110,6 +110,8 @@ def test_shuffle_buffer_is_bounded_permutation():
     assert sorted(order) == list(range(200))
     assert all(order[j] < j + 16 for j in range(200))
     assert not np.array_equal(order, np.arange(200))
+    for n in (1, 3, 16, 17):        # shorter than, equal to and just past the buffer
+        assert sorted(sd.shuffle_buffer_order(n, 16, np.random.default_rng(n))) == list(range(n))
 
 
 def _read(info, fmt, workers, start=0, epoch=0, world=1, rank=0, augment=0.0):
