@@ -567,6 +567,12 @@ def _plan(table: _FrameTable, wanted: np.ndarray, seek_gap: float) -> list[_Run]
     return runs
 
 
+# ffmpeg's words for a command it could not set up: our bug, never the input's (a damaged stream
+# says e.g. "Error parsing NAL unit", so the generic "Error parsing" does not qualify).
+_GRAPH_BUGS = ("Error initializing filter", "Error parsing filterchain", "Error parsing a filter description",
+               "Error applying option", "Error applying decoder options", "Error initializing bitstream filter")
+
+
 def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, slots: np.ndarray,
          eps: float, chain: list[tuple], out: np.ndarray, threads: int, deadline: float) -> tuple[int, str]:
     """One ffmpeg process delivering `run.frames` into `out[slots]`; returns (frames delivered, stderr)."""
@@ -606,7 +612,7 @@ def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, sl
     finally:
         if graph_file:
             os.unlink(graph_file)
-    if got == 0 and ("Error initializing filter" in err or "Error parsing" in err or "Error applying" in err):
+    if got == 0 and any(m in err for m in _GRAPH_BUGS):
         raise RuntimeError(f"{uri}: ffmpeg rejected the decode graph (a bug, not the input): {error_lines(err)}")
     return got, err
 

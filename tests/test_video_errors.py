@@ -122,3 +122,13 @@ def test_errors_pickle_with_their_type(inputs):
         probe(str(inputs / "text.mp4"))
     back = pickle.loads(pickle.dumps(e.value))
     assert type(back) is NotAVideoError and back.uri == e.value.uri and back.stage == "probe"
+
+
+def test_a_broken_decode_command_is_a_bug_not_a_bad_video(inputs, monkeypatch):
+    """If we ever build a graph ffmpeg rejects, that must fail loudly, never be recorded as a
+    corrupt video."""
+    import pipeline.video as video
+
+    monkeypatch.setattr(video, "_resize", lambda w, h: [("scale", {"w": "no-such-size", "h": h})])
+    with pytest.raises(RuntimeError, match="rejected the decode graph"):
+        decode_frames(str(inputs / "good.mp4"), [0.0], size=16)
