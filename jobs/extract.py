@@ -60,6 +60,7 @@ class ExtractConfig:
     teacher_actors: int | None = field(default=None, metadata={"help": "teacher actors; default one per GPU, or 1"})
     teacher_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per teacher actor"})
     decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
+    decode_memory: str = field(default="1GB", metadata={"help": "memory reserved per decode task (>0)"})
     decode_timeout: float = field(default=120.0, metadata={"help": "seconds per probe/decode call before giving up"})
     chunk_clips: int = field(default=8, metadata={"help": "clips decoded at once per video (bounds memory)"})
     shard_bytes: str = field(default="512MB", metadata={"help": "target shard size"})
@@ -115,9 +116,14 @@ def describe_teacher(cfg: ExtractConfig, dtype: str) -> dict:
 
 
 def connect(address: str) -> bool:
-    """Join a cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray. True if we started it."""
+    """Join a cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray.
+
+    True when this call initialised Ray in this process (so the job shuts it down at the end);
+    False when the caller had already initialised it (a notebook, a test, a bigger driver)."""
     import ray
 
+    if ray.is_initialized():
+        return False
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # A submitted job already has its runtime env (working_dir...); a second one would replace it.
     runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
@@ -126,13 +132,12 @@ def connect(address: str) -> bool:
         return True
     try:
         ray.init(address=address, runtime_env=runtime_env)
-        return False
     except ConnectionError:
         if address != "auto":
             raise
         log.info("no Ray cluster reachable: starting a local one for this job")
         ray.init(runtime_env=runtime_env)
-        return True
+    return True
 
 
 def _datasink(store: StoreWriter, shard_bytes: int, zarr_shard_clips: int):
@@ -173,8 +178,11 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, u
                             chunk_clips=cfg.chunk_clips)
     actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The memory reservation bounds concurrent decodes to what RAM holds; being a resource the teacher
+    # actors do not ask for, it also keeps Ray Data from fusing decode into them, so decode scales
+    # on its own CPUs instead of stalling the GPU.
     ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        fn_kwargs={"options": options, "store": store})
+                        memory=parse_bytes(cfg.decode_memory), fn_kwargs={"options": options, "store": store})
     ds = ds.map_batches(
         TeacherStage, batch_size=cfg.batch_size, batch_format="numpy", compute=actor_pool(actors),
         num_gpus=1 if use_gpu else 0, num_cpus=cfg.teacher_cpus,
@@ -199,7 +207,7 @@ def extract(cfg: ExtractConfig) -> dict:
     videos = list_videos(cfg.input)
     if cfg.limit is not None:
         videos = videos[: cfg.limit]
-    we_started = connect(cfg.ray_address)
+    initialised = connect(cfg.ray_address)
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         teacher_dtype = "bfloat16" if use_gpu else "float32"
@@ -216,16 +224,17 @@ def extract(cfg: ExtractConfig) -> dict:
             items = [{"video_uri": u, "skip": sorted(progress.clips.get(u, ()))} for u in pending]
             summary = run_pipeline(cfg, store, items, use_gpu=use_gpu, teacher_dtype=teacher_dtype)
         seconds = time.time() - t0
-        final = store.finalise()
+        final = store.finalise(written=summary.shards)
     finally:
-        if we_started:
+        if initialised:
             ray.shutdown()
     totals = final["summary"]
     busy = summary.busy_fraction()
     return {
         "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": len(videos) - len(pending),
-        "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"], "store_clips": totals["clips"],
-        "store_shards": totals["shards"], "clips_written": summary.clips, "shards_written": summary.shards,
+        "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
+        "videos_partial": totals["partial_videos"], "store_clips": totals["clips"],
+        "store_shards": totals["shards"], "clips_written": summary.clips, "shards_written": len(summary.shards),
         "bytes_written": summary.bytes, "pipeline_seconds": round(seconds, 2),
         "clips_per_second": round(summary.clips / seconds, 3) if summary.clips and seconds > 0 else 0.0,
         "teacher_actors_seen": len(summary.teacher),

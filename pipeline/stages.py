@@ -71,38 +71,63 @@ class DecodeOptions:
 def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches of at most `chunk_clips` clips of one video, leaving out the clip ids in `skip`.
 
-    Raises VideoError for a bad input. `video_clips` (clips planned for the whole video) goes with
-    every clip so the store can later tell a completely extracted video from a partial one."""
+    Clips go in time order (sequential reads). Raises VideoError for a bad input, after yielding
+    every clip that precedes the first clip that fails: a partly corrupt video keeps the same clips
+    whatever the chunking and whichever clips an interrupted run already committed. `video_clips`
+    (clips planned for the whole video) goes with every clip so the store can tell complete
+    videos from partial ones."""
     from pipeline.clips import decode_clips, plan_clips
     from pipeline.video import probe, video_id
 
     info = probe(uri, timeout=options.timeout or 30.0)
     plans = plan_clips(video_id(uri), info, options.clip_spec, options.seed)
     skip = set(skip)
-    todo = [p for p in plans if p.clip_id not in skip]
+    todo = sorted((p for p in plans if p.clip_id not in skip), key=lambda p: (p.timestamps[0], p.view, p.index))
+
+    def decode(chunk):
+        return decode_clips(uri, chunk, size=options.size, resize=options.resize, timeout=options.timeout,
+                            info=info)
+
     for i in range(0, len(todo), options.chunk_clips):
-        pairs = decode_clips(uri, todo[i:i + options.chunk_clips], size=options.size, resize=options.resize,
-                             timeout=options.timeout, info=info)
-        yield {
-            "clip_id": np.array([p.clip_id for p, _ in pairs]),
-            "video_id": np.array([p.video_id for p, _ in pairs]),
-            "video_uri": np.array([uri] * len(pairs)),
-            "view": np.array([p.view for p, _ in pairs], dtype=np.int32),
-            "clip_index": np.array([p.index for p, _ in pairs], dtype=np.int32),
-            "fps": np.array([p.fps for p, _ in pairs], dtype=np.float64),
-            "start": np.array([p.start for p, _ in pairs], dtype=np.float64),
-            # the presentation times actually decoded, not the requested ones
-            "timestamps": np.stack([np.asarray(f.timestamps, dtype=np.float64) for _, f in pairs]),
-            "crop_box": np.array([f.crop_box for _, f in pairs], dtype=np.int32),
-            "padded": np.array([p.padded for p, _ in pairs], dtype=np.int32),
-            "video_clips": np.full(len(pairs), len(plans), dtype=np.int32),
-            "frames": np.stack([f.frames for _, f in pairs]),
-        }
+        chunk = todo[i:i + options.chunk_clips]
+        try:
+            pairs, error = decode(chunk), None
+        except VideoError as e:
+            pairs, error = [], e
+            for plan in chunk:                 # salvage the clips before the first bad one
+                try:
+                    pairs.extend(decode([plan]))
+                except VideoError as e_one:
+                    error = e_one
+                    break
+        if pairs:
+            yield clip_batch(uri, len(plans), pairs)
+        if error is not None:
+            raise error
 
 
-def error_row(error: VideoError) -> dict[str, str]:
+def clip_batch(uri: str, video_clips: int, pairs: Sequence[tuple[Any, Any]]) -> dict[str, np.ndarray]:
+    """(ClipPlan, Frames) pairs of one video -> a numpy batch of clip rows."""
+    return {
+        "clip_id": np.array([p.clip_id for p, _ in pairs]),
+        "video_id": np.array([p.video_id for p, _ in pairs]),
+        "video_uri": np.array([uri] * len(pairs)),
+        "view": np.array([p.view for p, _ in pairs], dtype=np.int32),
+        "clip_index": np.array([p.index for p, _ in pairs], dtype=np.int32),
+        "fps": np.array([p.fps for p, _ in pairs], dtype=np.float64),
+        "start": np.array([p.start for p, _ in pairs], dtype=np.float64),
+        # the presentation times actually decoded, not the requested ones
+        "timestamps": np.stack([np.asarray(f.timestamps, dtype=np.float64) for _, f in pairs]),
+        "crop_box": np.array([f.crop_box for _, f in pairs], dtype=np.int32),
+        "padded": np.array([p.padded for p, _ in pairs], dtype=np.int32),
+        "video_clips": np.full(len(pairs), video_clips, dtype=np.int32),
+        "frames": np.stack([f.frames for _, f in pairs]),
+    }
+
+
+def error_row(error: VideoError, good_clips: Iterable[str] = ()) -> dict[str, Any]:
     return {"video_uri": error.uri, "stage": error.stage, "error_type": type(error).__name__,
-            "message": error.message}
+            "message": error.message, "good_clips": list(good_clips)}
 
 
 def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
@@ -110,10 +135,13 @@ def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
     """Decode stage over a batch of {video_uri, skip}: clip batches out; a bad video becomes a
     committed error row (recorded once, never raised) and the stage goes on with the next one."""
     for uri, skip in zip(batch["video_uri"], batch["skip"]):
+        good = [str(s) for s in skip]
         try:
-            yield from decode_video(str(uri), options, [str(s) for s in skip])
+            for clips in decode_video(str(uri), options, list(good)):
+                good.extend(clips["clip_id"].tolist())
+                yield clips
         except VideoError as e:
-            store.commit_errors([error_row(e)])
+            store.commit_errors([error_row(e, good)])
 
 
 # ---------------------------------------------------------------- teacher + compression
@@ -178,7 +206,7 @@ def encode_frames(batch: dict[str, np.ndarray], *, encoding: str = "jpg", qualit
 class WriteSummary:
     """What one writer did; summed over writers for the job's summary."""
 
-    shards: int = 0
+    shards: list[str] = field(default_factory=list)
     clips: int = 0
     bytes: int = 0
     teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
@@ -219,7 +247,7 @@ def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]]
                 yield row
 
     for record in roll_shards(store, clips(), shard_bytes, zarr_shard_clips):
-        summary.shards += 1
+        summary.shards.append(record["shard"])
         summary.clips += len(record["clips"])
         summary.bytes += sum(record["bytes"].values())
     return summary

@@ -246,8 +246,8 @@ class Store:
 
         if _is_local(self.fs):
             return zarr.open_group(os.path.join(self.path, "zarr", shard), mode="r")
-        store = zarr.storage.FsspecStore(self.fs, path=f"{self.path}/zarr/{shard}", read_only=True)
-        return zarr.open_group(store, mode="r")
+        return zarr.open_group(f"{self.root.rstrip('/')}/zarr/{shard}", mode="r",
+                               storage_options=self.storage_options)
 
     def decode_target(self, array: np.ndarray) -> np.ndarray:
         return decode_target(array, self.target_dtype)
@@ -281,7 +281,7 @@ class Progress:
 
     clips: dict[str, set[str]]          # video_uri -> committed clip ids
     complete: set[str]                  # video uris with every planned clip committed
-    failed: set[str]                    # video uris with a committed error row
+    failed: set[str]                    # video uris with a committed error row (not retried)
     shards: int = 0
 
     def done(self, uri: str) -> bool:
@@ -297,6 +297,7 @@ class StoreWriter:
         self.storage_options = (dict(storage_options) if storage_options is not None
                                 else storage_options_from_env(self.root))
         self.fs, self.path = filesystem(self.root, self.storage_options)
+        self.known_shards: set[str] = set()
 
     # -- set-up
     def prepare(self) -> Progress:
@@ -308,7 +309,8 @@ class StoreWriter:
             self.fs.makedirs(self.path, exist_ok=True)
             _write_atomic(self.fs, existing, json.dumps(self.schema, indent=1).encode())
         commits = self.read_commits()
-        self._clean_leftovers({c["shard"] for c in commits})
+        self.known_shards = {c["shard"] for c in commits}
+        self._clean_leftovers(self.known_shards)
         return progress_of(commits)
 
     def mark_incomplete(self) -> None:
@@ -325,29 +327,35 @@ class StoreWriter:
         return [_read_json(self.fs, p) for p in paths]
 
     def _clean_leftovers(self, committed: set[str]) -> None:
-        staging = f"{self.path}/_tmp"
-        if self.fs.exists(staging):
-            self.fs.rm(staging, recursive=True)
+        """Delete staging folders and data objects without a commit record. Tolerates objects
+        vanishing meanwhile (a killed job's last worker may still be finishing)."""
+        targets = [f"{self.path}/_tmp"]
         for fmt, suffix in (("webdataset", ".tar"), ("zarr", "")):
             folder = f"{self.path}/{fmt}"
-            if not self.fs.exists(folder):
-                continue
-            for p in self.fs.ls(folder, detail=False):
-                name = p.rstrip("/").rsplit("/", 1)[-1]
-                if name.endswith(suffix) and name[: len(name) - len(suffix)] in committed:
-                    continue
-                log.info("removing uncommitted leftover %s", p)
-                self.fs.rm(p, recursive=True)
+            if self.fs.exists(folder):
+                targets += [p for p in self.fs.ls(folder, detail=False)
+                            if p.rstrip("/").rsplit("/", 1)[-1].removesuffix(suffix) not in committed]
+        for p in targets:
+            try:
+                if self.fs.exists(p):
+                    log.info("removing uncommitted leftover %s", p)
+                    self.fs.rm(p, recursive=True)
+            except FileNotFoundError:
+                pass
 
     # -- writing
     def shard_writer(self, zarr_shard_clips: int = 32) -> "ShardWriter":
         return ShardWriter(self, zarr_shard_clips=zarr_shard_clips)
 
     def commit_errors(self, rows: Sequence[Mapping]) -> None:
-        """Commit error rows of failed inputs (no data). Named from the uris: retries overwrite."""
+        """Commit error rows of failed inputs (no data). Named from the uris: retries overwrite.
+
+        `good_clips`: clip ids of the video that did decode before the failure. They travel
+        downstream separately, so the video counts as done only once they are committed too."""
         if not rows:
             return
-        rows = [{k: str(r[k]) for k in ERRORS_SCHEMA.names} for r in rows]
+        rows = [{**{k: str(r[k]) for k in ERRORS_SCHEMA.names},
+                 "good_clips": sorted(str(c) for c in r.get("good_clips", ()))} for r in rows]
         name = "err-" + _digest(r["video_uri"] for r in rows)
         self._write_commit({"shard": name, "clips": [], "errors": rows, "stats": None, "formats": []})
 
@@ -365,9 +373,21 @@ class StoreWriter:
         return tempfile.mkdtemp(prefix="shard-", dir=base)
 
     # -- finalise
-    def finalise(self) -> dict:
-        """Merge commit records into errors.parquet, store.json's stats and, last, index.parquet."""
+    def finalise(self, written: Iterable[str] | None = None) -> dict:
+        """Merge commit records into errors.parquet, store.json's stats and, last, index.parquet.
+
+        `written`: the shards this job's writers committed. With it, a shard committed by anyone
+        else since `prepare` (a worker of an earlier, killed job that outlived its driver) is a
+        stale duplicate of this job's clips and is removed with its data."""
         commits = self.read_commits()
+        if written is not None:
+            valid = self.known_shards | set(written)
+            stale = [c for c in commits if c["clips"] and c["shard"] not in valid]
+            for c in stale:
+                log.warning("dropping shard %s committed by another job during this one", c["shard"])
+                self.fs.rm(f"{self.path}/_commits/{c['shard']}.json")
+            commits = [c for c in commits if c not in stale]
+            self._clean_leftovers({c["shard"] for c in commits})
         rows, errors, seen = [], [], set()
         dim = int(self.schema["target"]["dim"])
         total_sum, total_sumsq, count = np.zeros(dim), np.zeros(dim), 0
@@ -383,15 +403,16 @@ class StoreWriter:
                 total_sum += np.asarray(c["stats"]["sum"])
                 total_sumsq += np.asarray(c["stats"]["sumsq"])
                 count += int(c["stats"]["count"])
-        # a video that failed in one run and succeeded in another keeps only its clips
-        ok_uris = {r["video_uri"] for r in rows}
-        errors = [e for e in errors if e["video_uri"] not in ok_uris]
-        errors = list({e["video_uri"]: e for e in errors}.values())
+        # one row per failed input; a partly corrupt video has both its good clips and an error row
+        errors = list({e["video_uri"]: {k: e[k] for k in ERRORS_SCHEMA.names} for e in errors}.values())
+        failed = {e["video_uri"] for e in errors}
+        ok_uris = {r["video_uri"] for r in rows} - failed
         mean = total_sum / max(count, 1)
         std = np.sqrt(np.maximum(total_sumsq / max(count, 1) - mean ** 2, 0.0))
         schema = dict(self.schema)
         schema["target_stats"] = {"mean": mean.tolist(), "std": std.tolist(), "count": count}
-        schema["summary"] = {"clips": len(rows), "videos": len(ok_uris), "failed_videos": len(errors),
+        schema["summary"] = {"clips": len(rows), "videos": len(ok_uris), "failed_videos": len(failed),
+                             "partial_videos": len(failed & {r["video_uri"] for r in rows}),
                              "shards": sum(1 for c in commits if c["clips"])}
         rows.sort(key=lambda r: r["clip_id"])
         errors.sort(key=lambda e: e["video_uri"])
@@ -431,16 +452,19 @@ def check_compatible(existing: Mapping, wanted: Mapping, root: str = "") -> None
 def progress_of(commits: Iterable[Mapping]) -> Progress:
     clips: dict[str, set[str]] = {}
     planned: dict[str, int] = {}
-    failed: set[str] = set()
+    good_before_error: dict[str, set[str]] = {}
     shards = 0
     for c in commits:
         shards += bool(c["clips"])
-        failed.update(e["video_uri"] for e in c["errors"])
+        for e in c["errors"]:
+            good_before_error[e["video_uri"]] = set(e.get("good_clips", ()))
         for r in c["clips"]:
             clips.setdefault(r["video_uri"], set()).add(r["clip_id"])
             planned[r["video_uri"]] = int(r["video_clips"])
     complete = {u for u, ids in clips.items() if len(ids) >= planned[u]}
-    return Progress(clips, complete, failed - set(clips), shards)
+    # a failed video is done once the clips it yielded before failing are committed as well
+    failed = {u for u, good in good_before_error.items() if good <= clips.get(u, set())}
+    return Progress(clips, complete, failed, shards)
 
 
 class ShardWriter:

@@ -170,6 +170,44 @@ def test_commits_drive_resume_and_leftovers_are_removed(tmp_path):
     assert index.num_rows == 4
 
 
+def test_partly_failed_video_is_done_only_once_its_good_clips_are_committed(tmp_path):
+    writer = st.StoreWriter(str(tmp_path), schema())
+    writer.prepare()
+    data = list(clips(1, 3))
+    uri = data[0]["video_uri"]
+    # the decoder yielded two clips, then failed; the error is committed before the clips are
+    writer.commit_errors([{"video_uri": uri, "stage": "decode", "error_type": "CorruptVideoError",
+                           "message": "m", "good_clips": [c["clip_id"] for c in data[:2]]}])
+    assert not writer.prepare().done(uri)
+    shard = writer.shard_writer()
+    for c in data[:2]:
+        shard.add(c)
+    shard.commit()
+    progress = writer.prepare()
+    assert progress.done(uri) and uri not in progress.complete
+    schema_out = writer.finalise()
+    assert schema_out["summary"]["partial_videos"] == 1 and schema_out["summary"]["videos"] == 0
+    assert pq.read_table(tmp_path / "errors.parquet").column_names == st.ERRORS_SCHEMA.names
+
+
+def test_finalise_drops_shards_committed_by_a_stale_job(tmp_path):
+    """A killed job's worker that outlives its driver may commit after the rerun started: its
+    clips are also written by the rerun, so its shard is dropped instead of duplicating them."""
+    data = list(clips(1, 3))
+    job = st.StoreWriter(str(tmp_path), schema())
+    job.prepare()
+    zombie = st.StoreWriter(str(tmp_path), schema()).shard_writer()
+    for c in data[:2]:
+        zombie.add(c)
+    stale = zombie.commit()["shard"]
+    mine = list(st.roll_shards(job, data, shard_bytes=1 << 30))
+    job.finalise(written=[r["shard"] for r in mine])
+    store = st.open_store(str(tmp_path))
+    assert sorted(store.index.column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
+    assert not (tmp_path / "webdataset" / f"{stale}.tar").exists()
+    assert not (tmp_path / "_commits" / f"{stale}.json").exists()
+
+
 def test_shape_and_finiteness_are_checked(tmp_path):
     writer = st.StoreWriter(str(tmp_path), schema())
     writer.prepare()

@@ -1,0 +1,426 @@
+"""The extraction job end to end on a real Ray cluster (started and stopped here), real ffmpeg,
+tiny random teachers of two families loaded with from_pretrained, and the official readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.store import decode_frame, decode_target, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "videos"
+SHARED_PICKS = ("again.mkv", "video_90.mov", "corrupted.mp4")
+BIN = Path(sys.executable).parent
+FAMILIES = ("internvl", "siglip")
+T, SIZE, TOKENS, DIM = 4, 64, 8, 32
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop a process we started in its own session, with everything it spawned: SIGTERM to the
+    group, then SIGKILL to whatever is left of it after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        proc.poll()                      # reap the leader so it stops counting as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """True once `url` answers; False if `proc` died or `timeout` passed first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+@dataclass
+class Cluster:
+    address: str
+    dashboard: str
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One `ray start --head` cluster (with dashboard, for job submission) for the whole session.
+
+    Started with --block in its own session, so teardown stops exactly this cluster (not `ray stop`,
+    which would stop every Ray on the machine)."""
+    port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="lfray", dir="/tmp")   # short: Ray's socket paths have a length limit
+    # A token in ~/.ray (from another cluster on this machine) would switch token auth on; this
+    # cluster is local to the test and listens on 127.0.0.1 only.
+    auth_before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(REPO)}
+    log = open(os.path.join(temp, "ray-start.log"), "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if not wait_for_http(f"http://127.0.0.1:{dash}/api/version", proc, 120):
+            raise RuntimeError("ray start failed:\n" + Path(temp, "ray-start.log").read_text()[-3000:])
+        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        stop_group(proc, grace=5)
+        log.close()
+        if auth_before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_before
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def driver(cluster):
+    """This test process as a Ray driver of the session cluster (the job reuses the connection)."""
+    import ray
+
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory):
+    from pipeline.testing import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("teachers")
+    return {f: str(make_tiny_teacher(root / f, f, image_size=56, hidden_size=DIM)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory):
+    """Generated videos, one input that is not a video, and a few real ones when ../shared is there."""
+    from pipeline.samples import make_video
+
+    root = tmp_path_factory.mktemp("videos")
+    make_video(root / "a.mp4", seconds=2.0, fps=10, size=(96, 64))
+    make_video(root / "b.mp4", seconds=1.5, fps=12, size=(64, 112))
+    (root / "sub").mkdir()
+    make_video(root / "sub" / "c.mp4", seconds=1.0, fps=8, size=(80, 80))
+    (root / "bad.mp4").write_bytes(b"this is not a video\n" * 10)
+    for name in SHARED_PICKS:
+        if (SHARED / name).exists():
+            shutil.copy(SHARED / name, root / name)
+    return root
+
+
+def args(videos, out, teacher, address, *extra):
+    return ["--input", str(videos), "--output", str(out), "--teacher", teacher, "--size", str(SIZE),
+            "--clip-frames", str(T), "--views", "2", "--fps", "1-4", "--factors", "2,2,2",
+            "--batch-size", "4", "--teacher-cpus", "0.5", "--decode-cpus", "0.5",
+            "--shard-bytes", "40KB", "--zarr-shard-clips", "4", "--ray-address", address, *extra]
+
+
+def run_job(argv) -> dict:
+    from jobs.extract import ExtractConfig, extract
+    from pipeline.config import parse_config
+
+    return extract(parse_config(ExtractConfig, argv))
+
+
+@pytest.fixture(scope="session")
+def stores(driver, teachers, videos, tmp_path_factory):
+    """One uninterrupted extraction per teacher family."""
+    out = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(f"store-{family}")
+        out[family] = (root, run_job(args(videos, root, teachers[family], driver.address)))
+    return out
+
+
+def expected_failures(videos) -> set[str]:
+    bad = {str(videos / "bad.mp4")}
+    if (videos / "corrupted.mp4").exists():
+        bad.add(str(videos / "corrupted.mp4"))
+    return bad
+
+
+def read_tar_samples(store) -> dict[str, dict]:
+    import webdataset as wds
+
+    samples = {}
+    for sample in wds.WebDataset(store.shard_urls("webdataset"), shardshuffle=False):
+        assert sample["__key__"] not in samples, f"clip {sample['__key__']} twice in the webdataset shards"
+        samples[sample["__key__"]] = sample
+    return samples
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_store_is_complete_and_readable(stores, videos, family):
+    import zarr
+
+    root, summary = stores[family]
+    store = open_store(str(root))
+    index = store.index.to_pylist()
+    ids = [r["clip_id"] for r in index]
+    assert len(ids) == len(set(ids)) > 0
+    assert summary["store_clips"] == summary["clips_written"] == len(ids)
+    assert summary["teacher_busy_fraction"] is not None and 0 < summary["teacher_busy_fraction"] <= 1
+
+    # every generated video has clips; the failures are recorded, not raised
+    uris = {r["video_uri"] for r in index}
+    for name in ("a.mp4", "b.mp4", "sub/c.mp4"):
+        assert str(videos / name) in uris
+    errors = {e["video_uri"]: e for e in store.errors.to_pylist()}
+    assert set(errors) == expected_failures(videos)
+    assert errors[str(videos / "bad.mp4")]["error_type"] == "NotAVideoError"
+    assert all(e["message"] and e["stage"] for e in errors.values())
+    if (videos / "corrupted.mp4").exists():
+        # decodable up to 2.8 s: its clips before the damage are kept, and the error recorded
+        assert errors[str(videos / "corrupted.mp4")]["error_type"] == "CorruptVideoError"
+        kept = [r for r in index if r["video_uri"] == str(videos / "corrupted.mp4")]
+        assert kept and all(max(r["timestamps"]) < 2.9 for r in kept)
+        assert summary["videos_partial"] == 1
+    assert summary["videos_failed"] == len(errors)
+
+    schema = store.schema
+    assert schema["target"] == {"tokens": TOKENS, "grid": [2, 2, 2], "dim": DIM, "dtype": "float16"}
+    assert schema["teacher"]["family"] in ("internvl_vision", "siglip_vision_model")
+    assert len(schema["target_stats"]["mean"]) == DIM and schema["target_stats"]["count"] == len(ids) * TOKENS
+    assert all(s > 0 for s in schema["target_stats"]["std"])
+
+    # webdataset reader: each index clip exactly once, finite targets of the declared shape
+    samples = read_tar_samples(store)
+    assert sorted(samples) == sorted(ids)
+    by_id = {r["clip_id"]: r for r in index}
+    for key, sample in samples.items():
+        target = decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), "float16")
+        assert target.shape == (TOKENS, DIM) and np.isfinite(target).all()
+        assert json.loads(sample["json"])["timestamps"] == by_id[key]["timestamps"]
+        assert decode_frame(sample["f00.jpg"], "jpg").shape == (SIZE, SIZE, 3)
+
+    # zarr reader: the index row points at the same clip and target
+    for r in index:
+        group = zarr.open_group(str(root / "zarr" / r["shard"]), mode="r")
+        assert group["clip_id"][r["row"]] == r["clip_id"]
+        stored = np.load(io.BytesIO(samples[r["clip_id"]]["target.npy"]), allow_pickle=False)
+        np.testing.assert_array_equal(group["targets"][r["row"]], stored)
+        assert group["frames"].shape[1:] == (T, SIZE, SIZE, 3)
+
+
+def test_ray_data_reads_the_webdataset_shards(stores, driver):
+    import ray.data
+
+    store = open_store(str(stores["internvl"][0]))
+    rows = ray.data.read_webdataset(store.shard_urls("webdataset")).take_all()
+    keys = [r["__key__"] for r in rows]
+    assert sorted(keys) == sorted(store.index.column("clip_id").to_pylist())
+    for r in rows[:3]:
+        assert np.asarray(r["target.npy"]).shape == (TOKENS, DIM)
+        assert np.asarray(r["f03.jpg"]).shape == (SIZE, SIZE, 3)
+
+
+def test_targets_match_the_teacher_run_in_process(stores, teachers):
+    """The stored target of a clip is the teacher + WAP of that clip's stored input frames."""
+    import zarr
+
+    from pipeline.compress import Compression
+    from pipeline.stages import TeacherStage
+
+    root, _ = stores["siglip"]
+    store = open_store(str(root))
+    row = store.index.to_pylist()[0]
+    group = zarr.open_group(str(root / "zarr" / row["shard"]), mode="r")
+    teacher = TeacherStage(teachers["siglip"], compression=Compression("wap", (2, 2, 2)), device="cpu",
+                           dtype="float32")
+    # the teacher saw the raw decoded frames; zarr holds their JPEG round trip: compare loosely
+    got = teacher({"frames": group["frames"][row["row"]][None]})["target"][0].astype(np.float32)
+    want = decode_target(group["targets"][row["row"]], "float16")
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98
+
+
+def test_rerun_does_no_work_and_duplicates_nothing(stores, teachers, videos, driver):
+    root, first = stores["internvl"]
+    before = pq.read_table(root / "index.parquet").to_pylist()
+    commits = sorted(os.listdir(root / "_commits"))
+    summary = run_job(args(videos, root, teachers["internvl"], driver.address))
+    assert summary["clips_written"] == 0 and summary["shards_written"] == 0
+    assert summary["videos_skipped_done"] == summary["videos_in_input"]
+    assert sorted(os.listdir(root / "_commits")) == commits
+    assert pq.read_table(root / "index.parquet").to_pylist() == before
+
+
+def test_config_mismatch_is_a_clear_error(stores, teachers, videos, driver, capsys):
+    from jobs.extract import main
+
+    root, _ = stores["internvl"]
+    index = (root / "index.parquet").read_bytes()
+    assert main(args(videos, root, teachers["internvl"], driver.address, "--compression", "avg")) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "compression" in err
+    assert main(args(videos, root, teachers["siglip"], driver.address)) == 2
+    assert "teacher" in capsys.readouterr().err
+    assert (root / "index.parquet").read_bytes() == index, "a refused job must leave the store untouched"
+
+
+def wait_for_job_workers_to_stop(driver_pid: int, timeout: float = 90.0) -> None:
+    """What an operator does after killing a job: wait until Ray has reaped the job's actors and
+    tasks (they outlive a SIGKILLed driver for a moment)."""
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    jobs = [j.job_id for j in list_jobs() if j.driver_info and str(j.driver_info.pid) == str(driver_pid)]
+    assert jobs, "the killed driver's job is not known to the cluster"
+    deadline = time.time() + timeout
+    while (list_actors(filters=[("job_id", "=", jobs[0]), ("state", "=", "ALIVE")])
+           or list_tasks(filters=[("job_id", "=", jobs[0]), ("state", "=", "RUNNING")])):
+        assert time.time() < deadline, "the killed job's workers are still running"
+        time.sleep(0.5)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, videos, driver, tmp_path):
+    reference_root, _ = stores["internvl"]
+    reference = open_store(str(reference_root))
+    root = tmp_path / "killed"
+    argv = args(videos, root, teachers["internvl"], driver.address, "--chunk-clips", "1", "--batch-size", "1",
+                "--shard-bytes", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO, env=driver.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not any(p.name.startswith("shard-") for p in (root / "_commits").glob("*.json")):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.time() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop_group(proc, grace=5)
+    wait_for_job_workers_to_stop(proc.pid)
+    assert not (root / "index.parquet").exists()
+    committed = len(list((root / "_commits").glob("shard-*.json")))
+
+    summary = run_job(argv)
+    assert summary["videos_skipped_done"] >= 0 and summary["clips_written"] <= summary["store_clips"] - committed
+    store = open_store(str(root))
+    assert read_tar_samples(store).keys() == set(store.index.column("clip_id").to_pylist())
+    got = {r["clip_id"]: r for r in store.index.to_pylist()}
+    want = {r["clip_id"]: r for r in reference.index.to_pylist()}
+    assert got.keys() == want.keys()
+    assert {e["video_uri"] for e in store.errors.to_pylist()} == {e["video_uri"] for e in reference.errors.to_pylist()}
+    for cid in want:
+        assert got[cid]["timestamps"] == want[cid]["timestamps"]
+    # same targets (teacher batches differ in size, so allow float16 rounding differences)
+    got_t = {k: s["target.npy"] for k, s in read_tar_samples(store).items()}
+    want_t = {k: s["target.npy"] for k, s in read_tar_samples(reference).items()}
+    for cid in want:
+        a = np.load(io.BytesIO(got_t[cid]), allow_pickle=False).astype(np.float32)
+        b = np.load(io.BytesIO(want_t[cid]), allow_pickle=False).astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    # crash leftovers are gone: every data object on disk belongs to a committed shard
+    shards = set(store.shards())
+    assert {p.name.removesuffix(".tar") for p in (root / "webdataset").iterdir()} == shards
+    assert {p.name for p in (root / "zarr").iterdir()} == shards
+    assert not (root / "_tmp").exists() or not any((root / "_tmp").iterdir())
+
+
+def test_ray_job_submit(cluster, teachers, videos, tmp_path):
+    """The same command under `ray job submit --working-dir .` against the session cluster."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.mp4", "bad.mp4"):
+        shutil.copy(videos / name, inputs / name)
+    out = tmp_path / "submitted"
+    job_args = [a for a in args(inputs, out, teachers["siglip"], "auto")]
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+         "--", "python", "-m", "jobs.extract", *job_args],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "extraction complete" in result.stdout
+    store = open_store(str(out))
+    assert {r["video_uri"] for r in store.index.to_pylist()} == {str(inputs / "a.mp4")}
+    assert [e["video_uri"] for e in store.errors.to_pylist()] == [str(inputs / "bad.mp4")]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/", proc, 60), "moto server did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc, grace=10)
+
+
+def test_s3_round_trip(s3_server, cluster, teachers, videos, monkeypatch):
+    """Videos in a bucket, store in a bucket; the driver's AWS_* environment reaches the workers."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    fs.mkdir("bucket")
+    for name in ("a.mp4", "bad.mp4"):
+        fs.put_file(str(videos / name), f"bucket/videos/{name}")
+    # a separate driver process, like a user's: only its environment knows the endpoint
+    argv = args("s3://bucket/videos/", "s3://bucket/store", teachers["internvl"], cluster.address)
+    result = subprocess.run([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO,
+                            env={**cluster.env, **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    store = open_store("s3://bucket/store")
+    assert {r["video_uri"] for r in store.index.to_pylist()} == {"s3://bucket/videos/a.mp4"}
+    assert [e["video_uri"] for e in store.errors.to_pylist()] == ["s3://bucket/videos/bad.mp4"]
+    keys = []
+    for url in store.shard_urls("webdataset"):
+        with store.fs.open(url, "rb") as f, tarfile.open(fileobj=f) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".target.npy")]
+    assert sorted(keys) == sorted(store.index.column("clip_id").to_pylist())
+    row = store.index.to_pylist()[0]
+    group = store.zarr_group(row["shard"])
+    assert group["clip_id"][row["row"]] == row["clip_id"]
+    assert np.isfinite(store.decode_target(group["targets"][row["row"]])).all()
