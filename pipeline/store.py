@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.remote import storage_options as remote_storage_options
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -163,29 +165,11 @@ def make_schema(*, teacher: Mapping, compression: Mapping, clip: Mapping, frames
 
 # ---------------------------------------------------------------- filesystems
 
-def storage_options_from_env(root: str) -> dict:
-    """s3fs options from the usual AWS variables; AWS_ENDPOINT_URL points at MinIO/moto/Ceph."""
-    if not str(root).startswith(("s3://", "s3a://")):
-        return {}
-    options: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        options["endpoint_url"] = endpoint
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            options["token"] = os.environ["AWS_SESSION_TOKEN"]
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["client_kwargs"] = {"region_name": region}
-    return options
-
-
 def filesystem(root: str, storage_options: Mapping | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fs, path inside fs) for a local dir or an fsspec URL; options default to the environment's."""
+    """(fs, path inside fs) for a local dir or an fsspec URL; options default to the environment's
+    (endpoint from AWS_ENDPOINT_URL; credentials and region botocore reads from AWS_* itself)."""
     root = str(root)
-    options = dict(storage_options) if storage_options is not None else storage_options_from_env(root)
+    options = dict(storage_options) if storage_options is not None else remote_storage_options(root)
     fs, path = fsspec.core.url_to_fs(root, **options)
     return fs, path.rstrip("/")
 
@@ -269,7 +253,7 @@ def open_store(root: str, storage_options: Mapping | None = None) -> Store:
     index = pq.read_table(f"{path}/index.parquet", filesystem=fs)
     errors_path = f"{path}/errors.parquet"
     errors = pq.read_table(errors_path, filesystem=fs) if fs.exists(errors_path) else ERRORS_SCHEMA.empty_table()
-    options = dict(storage_options) if storage_options is not None else storage_options_from_env(root)
+    options = dict(storage_options) if storage_options is not None else remote_storage_options(root)
     return Store(str(root), fs, path, schema, index, errors, options)
 
 
@@ -295,7 +279,7 @@ class StoreWriter:
         self.root = str(root)
         self.schema = dict(schema)
         self.storage_options = (dict(storage_options) if storage_options is not None
-                                else storage_options_from_env(self.root))
+                                else remote_storage_options(self.root))
         self.fs, self.path = filesystem(self.root, self.storage_options)
         self.known_shards: set[str] = set()
 
