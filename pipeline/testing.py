@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("internvl", "internvl_vision", "siglip", "siglip2", "clip", "dinov2", "dinov2_registers", "vit")
+FAMILIES = ("internvl", "llava", "internvl_vision", "siglip", "siglip2", "clip", "dinov2", "dinov2_registers",
+            "vit")
 
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 _CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
@@ -25,13 +26,14 @@ def make_tiny_teacher(directory: str | Path, family: str = "internvl", *, image_
                       seed: int = 0) -> Path:
     """Save a random tiny teacher of `family` to `directory` and return the directory.
 
-    "internvl" is a whole InternVL VLM (vision tower + projector + a 1-layer Qwen2), so tests
+    "internvl" and "llava" are whole VLMs (vision tower + projector + a 1-layer LLM), so tests
     cover loading only the vision part and head="projector"; the others are vision models.
     """
     from transformers import (CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
                               Dinov2WithRegistersModel, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLVisionConfig, InternVLVisionModel, Siglip2VisionConfig, Siglip2VisionModel,
-                              SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
+                              InternVLVisionConfig, InternVLVisionModel, LlavaConfig, LlavaForConditionalGeneration,
+                              Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel,
+                              ViTConfig, ViTModel)
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -46,6 +48,14 @@ def make_tiny_teacher(directory: str | Path, family: str = "internvl", *, image_
                                                                 image_token_id=127))
         processor = {"size": {"height": image_size, "width": image_size}, "image_mean": _IMAGENET[0],
                      "image_std": _IMAGENET[1], "resample": 3}
+    elif family == "llava":
+        text = dict(model_type="llama", hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, intermediate_size=64, vocab_size=128)
+        vision = dict(vit, model_type="clip_vision_model")
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                          image_token_id=127))
+        processor = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
+                     "do_center_crop": True, "image_mean": _CLIP[0], "image_std": _CLIP[1], "resample": 3}
     elif family == "internvl_vision":
         model = InternVLVisionModel(InternVLVisionConfig(**vit))
         processor = {"size": {"height": image_size, "width": image_size}, "image_mean": _IMAGENET[0],

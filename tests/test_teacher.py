@@ -201,3 +201,20 @@ def test_attention_backend_choice_keeps_outputs(teachers):
     torch.testing.assert_close(math_only.encode(frames), default, rtol=1e-5, atol=1e-5)
     with pytest.raises(TeacherError, match="unknown attention backends"):
         Teacher.from_pretrained(teachers["siglip"], attention_backends=("fast",))
+
+
+def test_llava_vlm_loads_clip_tower_only_at_its_feature_layer(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    path = make_tiny_teacher(tmp_path / "llava", "llava", image_size=SIZE)
+    vlm = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    teacher = Teacher.from_pretrained(path, layer=vlm.config.vision_feature_layer)   # LLaVA uses -2
+    assert teacher.family == "clip_vision_model" and len(teacher._layers()) == 1
+    assert sum(p.numel() for p in teacher.parameters()) < sum(p.numel() for p in vlm.model.vision_tower.parameters())
+    frames = _frames(1, 2)
+    with torch.no_grad():
+        ref = vlm.model.vision_tower(pixel_values=_pixels(teacher, frames),
+                                     output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(teacher.encode(frames).reshape(2, 16, 32), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TeacherError, match="InternVL-style"):
+        Teacher.from_pretrained(path, head="projector")
