@@ -97,11 +97,12 @@ class _FrameTable:
 
 
 def video_id(uri: str) -> str:
-    """Readable and unique: the file stem (sanitised) plus a hash of the full URI."""
+    """Readable and unique: the file stem (sanitised) plus 64 bits of a hash of the full URI (no
+    collision to expect below billions of videos)."""
     uri = str(uri)
     stem = os.path.basename(uri.rstrip("/")).rsplit(".", 1)[0]
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48] or "video"
-    return f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    return f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
