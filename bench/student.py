@@ -143,7 +143,8 @@ class Bench:
         spec = VARIANTS[name]
         # Dynamo caches compiled code per function and does not guard on the attention backend.
         torch._dynamo.reset()
-        return FastEncoder(base, dtype=self.dtype, mode=spec.get("mode"), dynamic=spec.get("dynamic")).encode
+        return FastEncoder(base, dtype=self.dtype, mode=spec.get("mode"), dynamic=spec.get("dynamic"),
+                           fused_gelu=spec.get("fused_gelu")).encode
 
     def student(self) -> None:
         base = self.student_model()
@@ -236,7 +237,7 @@ class Bench:
         x = torch.randn(1, frames, 3, *base.config.image_hw, device=self.device)
         with torch.inference_mode():
             ref = base.encode(x)
-            for name in self.args.variants.split(","):
+            for name in self.args.check_variants.split(","):
                 try:
                     with VARIANTS.get(name, {}).get("sdpa", _null)():
                         out = self.encoder(base, name)(x.to(self.dtype))
@@ -323,6 +324,7 @@ def _sdpa(*backends: str):
 
 VARIANTS: dict[str, dict] = {
     "compiled": {},  # FastEncoder's default: frame axis dynamic, the rest static
+    "compiled-unfused": {"fused_gelu": False},
     "compiled-dynamic": {"dynamic": True},
     "compiled-static": {"dynamic": False},
     "compiled-cudnn": {"sdpa": _sdpa("CUDNN_ATTENTION")},
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", default="32,64,256,512")
     ap.add_argument("--teacher-frames", default="32,64")
     ap.add_argument("--variants", default="eager,compiled", help=f"student: eager and {sorted(VARIANTS)}")
+    ap.add_argument("--check-variants", default="eager,compiled")
     ap.add_argument("--teacher-variants", default="eager,compiled")
     ap.add_argument("--train-variants", default="eager,compiled")
     ap.add_argument("--train-batch", type=int, default=32, help="clips per training step")

@@ -24,6 +24,7 @@ class FastEncoder:
     CUDA graphs). By default the frame axis is compiled dynamic and everything else static: one
     compile serves every video length at nearly the speed of a per-length specialisation.
     `dynamic=False` specialises per input shape (a compile per new length, a few % faster).
+    `fused_gelu` (default: on CUDA, for GELU students) moves fc1's bias + GELU into the matmul epilogue.
     """
 
     def __init__(
@@ -34,12 +35,17 @@ class FastEncoder:
         mode: str | None = None,
         dynamic: bool | None = None,
         backend: str = "inductor",
+        fused_gelu: bool | None = None,
     ):
         if dtype is None:
             dtype = torch.bfloat16 if model.device.type == "cuda" else torch.float32
         self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.config = model.config
         self.dtype = dtype
+        if fused_gelu is None:
+            fused_gelu = self.model.device.type == "cuda" and self.config.hidden_act in ("gelu", "gelu_pytorch_tanh")
+        for block in self.model.blocks:
+            block.mlp.fused_gelu = fused_gelu
         self.frames_dynamic = compile and dynamic is None
         encode = self.model.encode
         self._encode = torch.compile(encode, mode=mode, dynamic=dynamic, backend=backend) if compile else encode
@@ -49,7 +55,7 @@ class FastEncoder:
         """[B, T, 3, H, W] normalised -> standardised tokens [B, T', h', w', D]."""
         x = pixel_values.to(self.model.device, self.dtype)
         if self.frames_dynamic and x.shape[1] > 1:
-            torch._dynamo.mark_dynamic(x, 1)
+            torch._dynamo.maybe_mark_dynamic(x, 1)
         return self._encode(x)
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ def test_compiled_path_matches_eager():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    fast = FastEncoder(model)
+    # fused_gelu: on CPU the epilogue op computes exact GELU, so the fused MLP must match exactly too.
+    fast = FastEncoder(model, fused_gelu=True)
     assert fast.dtype == torch.float32 and next(model.parameters()).requires_grad  # the original is untouched
+    assert not model.blocks[0].mlp.fused_gelu
 
     video = np.random.default_rng(0).integers(0, 256, (13, 112, 112, 3), dtype=np.uint8)
     eager = model.encode_video(video, chunk_frames=8)
