@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -77,7 +78,8 @@ class Teacher(nn.Module):
             raise TeacherError(f"unknown attention backends {sorted(unknown)}; choose from {ATTENTION_BACKENDS}")
         self.attention_backends = tuple(attention_backends or ())
         self._copy_stream: torch.cuda.Stream | None = None
-        self._captured: torch.Tensor | None = None
+        # Per thread: a Ray actor with max_concurrency > 1 runs encode in several threads at once.
+        self._captured = threading.local()
         self._tokens_fn = self._tokens
         if layer != -1:
             # Intermediate layers: the model was truncated after this block; take the block's own
@@ -282,7 +284,7 @@ class Teacher(nn.Module):
         if self.layer == -1:
             hidden = out.last_hidden_state
         else:
-            hidden, self._captured = self._captured, None
+            hidden, self._captured.output = self._captured.output, None
         gh, gw = self.patch_grid
         n = hidden.shape[0]
         # CLS and register tokens come first in every supported family; patches are the tail.
@@ -307,7 +309,7 @@ class Teacher(nn.Module):
         return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured = output[0] if isinstance(output, (tuple, list)) else output
+        self._captured.output = output[0] if isinstance(output, (tuple, list)) else output
 
     def _layers(self) -> nn.ModuleList:
         return _find_blocks(self.backbone)[1]

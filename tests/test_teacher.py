@@ -218,3 +218,16 @@ def test_llava_vlm_loads_clip_tower_only_at_its_feature_layer(tmp_path):
     torch.testing.assert_close(teacher.encode(frames).reshape(2, 16, 32), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(TeacherError, match="InternVL-style"):
         Teacher.from_pretrained(path, head="projector")
+
+
+def test_concurrent_encode_calls_keep_their_own_outputs(teachers):
+    """Two threads (a Ray actor with max_concurrency=2) on one teacher, intermediate layer included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    teacher = Teacher.from_pretrained(teachers["dinov2_registers"], layer=1)
+    inputs = [_frames(2, 4, seed=s) for s in range(6)]
+    alone = [teacher.encode(x) for x in inputs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(teacher.encode, inputs))
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a)
