@@ -303,16 +303,17 @@ def test_config_mismatch_is_a_clear_error(stores, teachers, videos, driver, caps
     assert (root / "index.parquet").read_bytes() == index, "a refused job must leave the store untouched"
 
 
-def wait_for_job_workers_to_stop(driver_pid: int, timeout: float = 90.0) -> None:
+def wait_for_job_workers_to_stop(dashboard: str, driver_pid: int, timeout: float = 90.0) -> None:
     """What an operator does after killing a job: wait until Ray has reaped the job's actors and
     tasks (they outlive a SIGKILLed driver for a moment)."""
     from ray.util.state import list_actors, list_jobs, list_tasks
 
-    jobs = [j.job_id for j in list_jobs() if j.driver_info and str(j.driver_info.pid) == str(driver_pid)]
+    jobs = [j.job_id for j in list_jobs(address=dashboard)
+            if j.driver_info and str(j.driver_info.pid) == str(driver_pid)]
     assert jobs, "the killed driver's job is not known to the cluster"
     deadline = time.time() + timeout
-    while (list_actors(filters=[("job_id", "=", jobs[0]), ("state", "=", "ALIVE")])
-           or list_tasks(filters=[("job_id", "=", jobs[0]), ("state", "=", "RUNNING")])):
+    while (list_actors(address=dashboard, filters=[("job_id", "=", jobs[0]), ("state", "=", "ALIVE")])
+           or list_tasks(address=dashboard, filters=[("job_id", "=", jobs[0]), ("state", "=", "RUNNING")])):
         assert time.time() < deadline, "the killed job's workers are still running"
         time.sleep(0.5)
 
@@ -335,7 +336,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
         proc.wait(30)
     finally:
         stop_group(proc, grace=5)
-    wait_for_job_workers_to_stop(proc.pid)
+    wait_for_job_workers_to_stop(driver.dashboard, proc.pid)
     assert not (root / "index.parquet").exists()
     committed = len(list((root / "_commits").glob("shard-*.json")))
 
