@@ -57,6 +57,8 @@ class ExtractConfig:
     target_dtype: str = field(default="float16", metadata={"help": "float16 | bfloat16 (stored as uint16)"})
     batch_size: int = field(default=16, metadata={"help": "clips per teacher batch"})
     frames_per_forward: int = field(default=256, metadata={"help": "frames per teacher forward pass"})
+    teacher_device: str = field(default="auto", metadata={"help": "auto (cuda when the cluster has GPUs now), "
+                                                                   "cuda (e.g. GPU nodes still autoscaling up) or cpu"})
     teacher_actors: int | None = field(default=None, metadata={"help": "teacher actors; default one per GPU, or 1"})
     teacher_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per teacher actor"})
     decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
@@ -89,8 +91,11 @@ def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
     """store.json for this config and teacher description (see pipeline.store)."""
     from pipeline.compress import Compression
 
-    compression = Compression(method=cfg.compression, factors=tuple(cfg.factors))
-    grid = compression.output_grid((cfg.clip_frames, *teacher["grid"]))
+    try:
+        compression = Compression(method=cfg.compression, factors=tuple(cfg.factors))
+        grid = compression.output_grid((cfg.clip_frames, *teacher["grid"]))
+    except ValueError as e:   # a factor that does not divide the clip/token grid, an unknown method
+        raise ConfigError(f"--compression/--factors: {e}") from None
     return make_schema(
         teacher=teacher,
         compression={"method": compression.method, "factors": list(compression.factors),
@@ -209,7 +214,10 @@ def extract(cfg: ExtractConfig) -> dict:
         videos = videos[: cfg.limit]
     initialised = connect(cfg.ray_address)
     try:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if cfg.teacher_device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"--teacher-device must be auto, cuda or cpu, got {cfg.teacher_device!r}")
+        use_gpu = (cfg.teacher_device == "cuda"
+                   or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = "bfloat16" if use_gpu else "float32"
         schema = store_schema(cfg, describe_teacher(cfg, teacher_dtype))
         schema["job"] = {"config": to_dict(cfg)}
