@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
