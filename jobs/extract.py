@@ -137,10 +137,10 @@ def connect(address: str) -> bool:
         return True
     try:
         ray.init(address=address, runtime_env=runtime_env)
-    except ConnectionError:
+    except ConnectionError as e:
         if address != "auto":
             raise
-        log.info("no Ray cluster reachable: starting a local one for this job")
+        log.info("no single Ray cluster to join (%s): starting a local one for this job", e)
         ray.init(runtime_env=runtime_env)
     return True
 
