@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +244,31 @@ def _set_rng_states(states: dict[str, torch.Tensor], env: Dist) -> None:
         torch.cuda.set_rng_state(states["cuda"][env.rank], env.device)
 
 
+class Preemption:
+    """SIGTERM (a scheduler taking the node back): finish the current step, write a checkpoint and
+    leave, so `--resume` loses nothing. Every rank stops at the same step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():   # Ray Train runs the loop in a thread
+            self.previous = signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_: Any) -> None:
+        self.flag = True
+
+    def requested(self, env: Dist) -> bool:
+        if env.world_size == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def _barrier(env: Dist) -> None:
     if env.world_size > 1:
         dist.barrier()
@@ -293,6 +321,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     stop_at = min(cfg.max_steps, step + cfg.stop_after) if cfg.stop_after is not None else cfg.max_steps
     last_metrics: dict[str, Any] = {}
     eval_result: dict[str, Any] = {}
+    preemption = Preemption()
 
     def run_eval() -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -331,6 +360,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                 timer.reset()
             if batch_in_epoch == per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
+            if preemption.requested(env):
+                stop_at = step
+                if env.main:
+                    print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
                 rng = _rng_states(env)
                 if env.main:
@@ -347,6 +380,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
             timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
     if trace is not None:
         trace.close()
+    preemption.close()
 
     if step >= cfg.max_steps:
         eval_result = run_eval()
@@ -355,7 +389,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
             (out / "eval.json").write_text(json.dumps(eval_result, indent=1))
     _barrier(env)
     log.close()
-    return {"step": step, **last_metrics, "eval": eval_result}
+    return {"step": step, **last_metrics, "eval": eval_result, "preempted": preemption.flag and step < cfg.max_steps}
 
 
 # ---------------------------------------------------------------- throughput
@@ -406,6 +440,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result), flush=True)
+    if result["preempted"]:
+        sys.exit(128 + signal.SIGTERM)      # not finished: schedulers must not take it for success
 
 
 if __name__ == "__main__":

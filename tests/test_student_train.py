@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,9 @@ def _records(out: Path) -> list[dict]:
 
 def test_loss_falls_and_the_run_directory_is_a_model(store_root, tmp_path):
     out = tmp_path / "run"
-    result = train(_cfg(store_root, out, "--max-steps", "40", "--eval-fraction", "0.25", "--keep-checkpoints", "2"))
+    result = train(_cfg(store_root, out, "--max-steps", "20", "--eval-fraction", "0.25", "--keep-checkpoints", "2"))
     steps = [r for r in _records(out) if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert [r["step"] for r in steps] == list(range(1, 21))
     assert {"lr", "clips_per_s", "data_wait_frac", "grad_norm"} <= set(steps[0])
     first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
     assert last < 0.5 * first, (first, last)
@@ -58,7 +60,7 @@ def test_loss_falls_and_the_run_directory_is_a_model(store_root, tmp_path):
     assert isinstance(model, student.LiteFrameModel)
     assert model.config.target_tokens == N and model.config.target_dim == D
     assert len(model.config.target_mean) == D and model.config.target_std is not None
-    assert [p.name for p in checkpoint.checkpoints(out / "checkpoints")] == ["step-00000036", "step-00000040"]
+    assert [p.name for p in checkpoint.checkpoints(out / "checkpoints")] == ["step-00000016", "step-00000020"]
     assert any((out / "tb").iterdir())
 
 
@@ -146,3 +148,29 @@ def test_throughput_hook_for_benchmarks(store_root, tmp_path):
     for source in ("synthetic", "store"):
         r = throughput(_cfg(store_root, tmp_path / source), source=source, steps=2, warmup=1)
         assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["batch_size"] == 4
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes(store_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "student.train", "--data", store_root, "--output", str(out), "--preset", "tiny",
+           "--batch-size", "4", "--num-workers", "1", "--shuffle-buffer", "6", "--log-every", "1",
+           "--max-steps", "500", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)                 # the main process only, as Kubernetes does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = _records(out)[-1]["step"]
+    assert checkpoint.latest(out / "checkpoints").name == f"step-{stopped:08d}"
+    assert not (out / "model.safetensors").exists()
+    result = train(_cfg(store_root, out, "--max-steps", "500", "--resume", "--stop-after", "2",
+                        "--checkpoint-every", "0", "--num-workers", "1"))
+    assert result["step"] == stopped + 2
