@@ -464,7 +464,7 @@ class TrainData:
         ds = ClipStream(self.info, self.plan(epoch), fmt=self.fmt, rank=self.rank, start=start,
                         seed=self.seed, epoch=epoch, augment=self.augment)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+                          prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
 
 
 def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",

@@ -174,3 +174,11 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(store_root, tmp_path):
     result = train(_cfg(store_root, out, "--max-steps", "500", "--resume", "--stop-after", "2",
                         "--checkpoint-every", "0", "--num-workers", "1"))
     assert result["step"] == stopped + 2
+
+
+def test_evaluation_on_a_second_store(store_root, tmp_path):
+    other = write_tiny_store(tmp_path / "eval-store", videos=2, seed=7)
+    out = tmp_path / "run"
+    train(_cfg(store_root, out, "--max-steps", "2", "--eval-data", other, "--checkpoint-every", "0"))
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["clips"] == 6 and {"cosine", "r2", "trivial_cosine", "trivial_r2"} <= set(ev)
