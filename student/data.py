@@ -44,11 +44,6 @@ class StoreContentError(ValueError):
     """A shard disagrees with the store's index (keys, clip count or array shapes)."""
 
 
-def _get(obj: Any, name: str) -> Any:
-    """store.json fields, whether the store hands back a dict or a dataclass."""
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
-
-
 @dataclass
 class StoreInfo:
     """What the trainer needs from a store: its schema and, per shard, the clips it holds."""
@@ -97,9 +92,7 @@ def read_store(root: str) -> StoreInfo:
     from pipeline.store import open_store
 
     store = open_store(root)
-    schema = store.schema
-    clip, frames, target = _get(schema, "clip"), _get(schema, "frames"), _get(schema, "target")
-    stats = _get(schema, "target_stats")
+    clip, frames, target, stats = (store.schema[k] for k in ("clip", "frames", "target", "target_stats"))
     index = store.index.select(["shard", "row", "clip_id", "video_id"]).to_pydict()
     order = sorted(range(len(index["row"])), key=lambda i: (index["shard"][i], index["row"][i]))
     shards: list[str] = []
@@ -115,16 +108,13 @@ def read_store(root: str) -> StoreInfo:
             raise StoreContentError(f"{root}: index rows of shard {shard} are not 0..n-1 (found row {row})")
         clip_ids[-1].append(index["clip_id"][i])
         video_ids[-1].append(index["video_id"][i])
-    encoding = _get(frames, "encoding")
     return StoreInfo(
-        root=root, store=store,
-        clip_frames=int(_get(clip, "frames")),
-        frame_size=tuple(int(x) for x in _get(frames, "size")),
-        frame_ext=encoding,
-        target_tokens=int(_get(target, "tokens")), target_dim=int(_get(target, "dim")),
-        target_dtype=str(_get(target, "dtype")),
-        target_mean=np.asarray(_get(stats, "mean"), dtype=np.float32),
-        target_std=np.asarray(_get(stats, "std"), dtype=np.float32),
+        root=root, store=store, clip_frames=int(clip["frames"]),
+        frame_size=tuple(int(x) for x in frames["size"]), frame_ext=frames["encoding"],
+        target_tokens=int(target["tokens"]), target_dim=int(target["dim"]), target_dtype=str(target["dtype"]),
+        target_mean=np.asarray(stats["mean"], dtype=np.float32),
+        # a channel that never varies would divide by zero when standardised
+        target_std=np.maximum(np.asarray(stats["std"], dtype=np.float32), 1e-6),
         shards=shards, clip_ids=clip_ids, video_ids=video_ids,
     )
 
@@ -199,7 +189,8 @@ class EpochPlan:
 
     def order(self, stream: int) -> np.ndarray:
         """Output j of the stream reads position order(stream)[j]."""
-        return shuffle_buffer_order(self.rows.shape[1], self.shuffle_buffer, _rng(self.seed, self.epoch, _SHUFFLE, stream))
+        rng = _rng(self.seed, self.epoch, _SHUFFLE, stream)
+        return shuffle_buffer_order(self.rows.shape[1], self.shuffle_buffer, rng)
 
 
 def plan_epoch(counts: Sequence[int], keep: Sequence[np.ndarray] | None, *, fmt: str, seed: int, epoch: int,
@@ -216,8 +207,11 @@ def plan_epoch(counts: Sequence[int], keep: Sequence[np.ndarray] | None, *, fmt:
         # one stream per rank, already shuffled; its batches are shared round-robin by the workers
     else:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    parts = [np.stack([np.full(len(r), s), r], axis=1) for s in shard_order for r in [np.flatnonzero(keep[s])]]
-    seq = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), dtype=np.int64)
+    parts = [np.zeros((0, 2), dtype=np.int64)]
+    for s in shard_order:
+        kept = np.flatnonzero(keep[s])
+        parts.append(np.stack([np.full(len(kept), s), kept], axis=1))
+    seq = np.concatenate(parts).astype(np.int64)
     if len(seq) == 0:
         raise StoreContentError("no training clips in the store (all held out, or the store is empty)")
     if fmt == "zarr":
@@ -236,10 +230,12 @@ def rank_batches(plan: EpochPlan, rank: int, batch: int) -> tuple[int, int]:
 
 def epoch_clip_ids(info: StoreInfo, plan: EpochPlan, rank: int) -> list[list[str]]:
     """The clip ids of each of a rank's batches, in training order (for audits and tests)."""
-    out = []
+    out, orders = [], {}
     for b in range(plan.batches_per_rank):
         stream, first = rank_batches(plan, rank, b)
-        pos = plan.order(stream)[first:first + plan.batch_size]
+        if stream not in orders:
+            orders[stream] = plan.order(stream)
+        pos = orders[stream][first:first + plan.batch_size]
         out.append([info.clip_ids[s][r] for s, r in plan.rows[stream, pos]])
     return out
 
@@ -303,44 +299,53 @@ def _read_positions(info: StoreInfo, rows: np.ndarray, needed: np.ndarray) -> It
         last = max(wanted)
         to_end = last == info.counts[shard] - 1
         row = -1
-        for row, sample in enumerate(_wds_samples(info, shard)):
-            if row >= info.counts[shard]:
-                raise StoreContentError(f"{info.shard_url(shard)}: more clips than the {info.counts[shard]} "
-                                        "the index lists")
-            if sample["__key__"] != info.clip_ids[shard][row]:
-                raise StoreContentError(f"{info.shard_url(shard)} row {row}: key {sample['__key__']!r}, index "
-                                        f"says {info.clip_ids[shard][row]!r}")
-            p = wanted.get(row)
-            if p is not None:
-                yield p, sample if needed[p] else None
-            if row == last and not to_end:
-                break
+        samples = _wds_samples(info, shard)
+        try:
+            for row, sample in enumerate(samples):
+                if row >= info.counts[shard]:
+                    raise StoreContentError(f"{info.shard_url(shard)}: more clips than the {info.counts[shard]} "
+                                            "the index lists")
+                if sample["__key__"] != info.clip_ids[shard][row]:
+                    raise StoreContentError(f"{info.shard_url(shard)} row {row}: key {sample['__key__']!r}, index "
+                                            f"says {info.clip_ids[shard][row]!r}")
+                p = wanted.get(row)
+                if p is not None:
+                    yield p, sample if needed[p] else None
+                if row == last and not to_end:
+                    break
+        finally:
+            samples.close()     # the tar stream, now rather than at garbage collection
         if row < last:
             raise StoreContentError(f"{info.shard_url(shard)}: {row + 1} clips, the index lists {info.counts[shard]}")
         pos = end
 
 
 class _Zarr:
-    """Per-shard Zarr groups, opened lazily in each loader worker."""
+    """Per-shard Zarr arrays, opened once per loader worker; the stored clip ids are checked
+    against the index when a shard is opened."""
 
     def __init__(self, info: StoreInfo):
         self.info = info
-        self.groups: dict[int, Any] = {}
+        self.shards: dict[int, tuple[Any, Any, str]] = {}
+
+    def _open(self, shard: int) -> tuple[Any, Any, str]:
+        if shard not in self.shards:
+            g = self.info.local_store().zarr_group(self.info.shards[shard])
+            ids = [str(c) for c in np.asarray(g["clip_id"][:])]
+            if ids != self.info.clip_ids[shard]:
+                bad = next((i for i, (a, b) in enumerate(zip(ids, self.info.clip_ids[shard])) if a != b), len(ids))
+                raise StoreContentError(f"zarr shard {self.info.shards[shard]}: {len(ids)} clips, the index lists "
+                                        f"{self.info.counts[shard]}; first difference at row {bad}")
+            targets = g["targets"]
+            self.shards[shard] = (g["frames"], targets, targets.attrs.get("dtype", self.info.target_dtype))
+        return self.shards[shard]
 
     def read(self, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
         from pipeline.store import decode_target
 
-        if shard not in self.groups:
-            self.groups[shard] = self.info.local_store().zarr_group(self.info.shards[shard])
-        g = self.groups[shard]
-        key = self.info.clip_ids[shard][row]
-        stored = str(g["clip_id"][row])
-        if stored != key:
-            raise StoreContentError(f"zarr shard {self.info.shards[shard]} row {row}: clip {stored!r}, "
-                                    f"index says {key!r}")
-        targets = g["targets"]
-        target = decode_target(np.asarray(targets[row]), targets.attrs.get("dtype", self.info.target_dtype))
-        return _checked(key, np.asarray(g["frames"][row]), target, self.info)
+        frames, targets, dtype = self._open(shard)
+        target = decode_target(np.asarray(targets[row]), dtype)
+        return _checked(self.info.clip_ids[shard][row], np.asarray(frames[row]), target, self.info)
 
 
 def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: float) -> np.ndarray:

@@ -235,3 +235,16 @@ def test_streams_from_s3_like_from_disk(s3_env, info):
         assert [b["clip_id"] for b in here] == [b["clip_id"] for b in there]
         assert all(torch.equal(a["frames"], b["frames"]) and torch.equal(a["target"], b["target"])
                    for a, b in zip(here, there))
+
+
+def test_zarr_clip_ids_are_checked_against_the_index(tmp_path):
+    import zarr
+
+    root = Path(write_tiny_store(tmp_path / "z", videos=2, formats=("zarr",)))
+    shard = sorted(p.name for p in (root / "zarr").iterdir())[0]
+    ids = zarr.open_group(str(root / "zarr" / shard), mode="r+")["clip_id"]
+    ids[0] = ids[1]
+    with pytest.raises(sd.StoreContentError, match="first difference at row 0"):
+        _read(sd.read_store(str(root)), "zarr", workers=0)
+    with pytest.raises(sd.StoreContentError, match="no webdataset shards"):
+        _read(sd.read_store(str(root)), "webdataset", workers=0)
