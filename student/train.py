@@ -306,6 +306,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
         if env.main:
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
+    elif cfg.resume and env.main:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0", flush=True)
     trainer.wrap()
 
     log = MetricsLog(out, env.main, cfg.max_steps, step)
