@@ -49,7 +49,8 @@ class StoreInfo:
     """What the trainer needs from a store: its schema and, per shard, the clips it holds."""
 
     root: str
-    store: Any                      # pipeline.store.Store (fs, shard_urls, ...)
+    store: Any                      # pipeline.store.Store (fs, shard_urls, ...); None for a schema alone
+    schema: dict                    # store.json
     clip_frames: int
     frame_size: tuple[int, int]     # (H, W)
     frame_ext: str                  # jpg | png | npy
@@ -70,11 +71,30 @@ class StoreInfo:
         return self._urls[shard]
 
     def __post_init__(self) -> None:
-        formats = self.store.schema.get("formats", ["webdataset"])
+        has_tars = self.store is not None and "webdataset" in self.formats
         urls = {u.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar"): u
-                for u in (self.store.shard_urls(format="webdataset") if "webdataset" in formats else [])}
+                for u in (self.store.shard_urls(format="webdataset") if has_tars else [])}
         self._urls = [urls.get(s) for s in self.shards]
         self._pid = os.getpid()
+
+    @property
+    def formats(self) -> list[str]:
+        return list(self.schema.get("formats", FORMATS)) if self.store is not None else []
+
+    @classmethod
+    def from_schema(cls, schema: dict, root: str, store: Any = None, shards: list[str] | None = None,
+                    clip_ids: list[list[str]] | None = None, video_ids: list[list[str]] | None = None) -> "StoreInfo":
+        """Shapes and statistics from store.json; without `store`, a description with no clips to read
+        (enough to build a student and feed it synthetic batches)."""
+        clip, frames, target, stats = (schema[k] for k in ("clip", "frames", "target", "target_stats"))
+        return cls(
+            root=root, store=store, schema=schema, clip_frames=int(clip["frames"]),
+            frame_size=tuple(int(x) for x in frames["size"]), frame_ext=frames["encoding"],
+            target_tokens=int(target["tokens"]), target_dim=int(target["dim"]), target_dtype=str(target["dtype"]),
+            target_mean=np.asarray(stats["mean"], dtype=np.float32),
+            # a channel that never varies would divide by zero when standardised
+            target_std=np.maximum(np.asarray(stats["std"], dtype=np.float32), 1e-6),
+            shards=shards or [], clip_ids=clip_ids or [], video_ids=video_ids or [])
 
     def local_store(self) -> Any:
         """The store with a filesystem made in this process: s3fs (async fsspec) objects do not
@@ -92,7 +112,6 @@ def read_store(root: str) -> StoreInfo:
     from pipeline.store import open_store
 
     store = open_store(root)
-    clip, frames, target, stats = (store.schema[k] for k in ("clip", "frames", "target", "target_stats"))
     index = store.index.select(["shard", "row", "clip_id", "video_id"]).to_pydict()
     order = sorted(range(len(index["row"])), key=lambda i: (index["shard"][i], index["row"][i]))
     shards: list[str] = []
@@ -108,15 +127,7 @@ def read_store(root: str) -> StoreInfo:
             raise StoreContentError(f"{root}: index rows of shard {shard} are not 0..n-1 (found row {row})")
         clip_ids[-1].append(index["clip_id"][i])
         video_ids[-1].append(index["video_id"][i])
-    return StoreInfo(
-        root=root, store=store, clip_frames=int(clip["frames"]),
-        frame_size=tuple(int(x) for x in frames["size"]), frame_ext=frames["encoding"],
-        target_tokens=int(target["tokens"]), target_dim=int(target["dim"]), target_dtype=str(target["dtype"]),
-        target_mean=np.asarray(stats["mean"], dtype=np.float32),
-        # a channel that never varies would divide by zero when standardised
-        target_std=np.maximum(np.asarray(stats["std"], dtype=np.float32), 1e-6),
-        shards=shards, clip_ids=clip_ids, video_ids=video_ids,
-    )
+    return StoreInfo.from_schema(store.schema, root, store, shards, clip_ids, video_ids)
 
 
 def check_store_matches(config: Any, info: StoreInfo) -> None:
@@ -452,10 +463,8 @@ class TrainData:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.augment = shuffle_buffer, augment
         self.keep = [~h for h in heldout] if heldout is not None else None
-        formats = info.store.schema.get("formats", list(FORMATS))
-        if fmt not in formats:
-            raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(formats)}): "
-                                    f"pick --format {formats[0]}")
+        if fmt not in info.formats:
+            raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(info.formats) or 'none'})")
 
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.info.counts, self.keep, fmt=self.fmt, seed=self.seed, epoch=epoch,
@@ -485,20 +494,14 @@ def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
     return DataLoader(ClipStream(info, plan, fmt=fmt, rank=0), batch_size=None, num_workers=0)
 
 
-def synthetic_batches(info_or_shape: StoreInfo | dict, batch_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+def synthetic_batches(info: StoreInfo, batch_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:
     """The same batch forever, from memory: the data-free baseline of throughput benchmarks."""
-    if isinstance(info_or_shape, StoreInfo):
-        i = info_or_shape
-        shape = dict(clip_frames=i.clip_frames, frame_size=i.frame_size, target_tokens=i.target_tokens,
-                     target_dim=i.target_dim)
-    else:
-        shape = info_or_shape
     g = torch.Generator().manual_seed(seed)
     batch = {
         "clip_id": [f"synthetic-{k}" for k in range(batch_size)],
-        "frames": torch.randint(0, 256, (batch_size, shape["clip_frames"], *shape["frame_size"], 3),
+        "frames": torch.randint(0, 256, (batch_size, info.clip_frames, *info.frame_size, 3),
                                 dtype=torch.uint8, generator=g),
-        "target": torch.randn(batch_size, shape["target_tokens"], shape["target_dim"], generator=g),
+        "target": torch.randn(batch_size, info.target_tokens, info.target_dim, generator=g),
     }
     while True:
         yield batch

@@ -147,7 +147,7 @@ def build_student(cfg: TrainConfig, info: StoreInfo) -> torch.nn.Module:
     if cfg.init_from:
         model = LiteFrameModel.from_pretrained(cfg.init_from)
     else:
-        model = LiteFrameModel(config_for_store(cfg.preset, info.store.schema))
+        model = LiteFrameModel(config_for_store(cfg.preset, info.schema))
     check_store_matches(model.config, info)
     model.config.target_mean = info.target_mean.tolist()
     model.config.target_std = info.target_std.tolist()
@@ -397,12 +397,16 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
 # ---------------------------------------------------------------- throughput
 
 
-def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, warmup: int = 3) -> dict[str, float]:
+def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, warmup: int = 3,
+               schema: dict | None = None) -> dict[str, float]:
     """Training clips/s and the data-wait fraction, with batches from memory ("synthetic") or streamed
-    from cfg.data ("store"), for bench/ scripts. Nothing is saved."""
+    from cfg.data ("store"), for bench/ scripts. Nothing is saved. `schema` (a store.json dict)
+    shapes a synthetic run without any store on disk."""
     check_config(cfg)
+    if schema is not None and source != "synthetic":
+        raise ValueError("a schema alone has no clips to stream: give cfg.data for source='store'")
     env = setup_distributed()
-    info = read_store(cfg.data)
+    info = StoreInfo.from_schema(schema, "(synthetic)") if schema is not None else read_store(cfg.data)
     trainer = Trainer(cfg, info, env)
     trainer.wrap()
     if source == "synthetic":

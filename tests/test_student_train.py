@@ -148,6 +148,9 @@ def test_throughput_hook_for_benchmarks(store_root, tmp_path):
     for source in ("synthetic", "store"):
         r = throughput(_cfg(store_root, tmp_path / source), source=source, steps=2, warmup=1)
         assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["batch_size"] == 4
+    schema = json.loads((Path(store_root) / "store.json").read_text())    # no store needed, only its shapes
+    r = throughput(_cfg("unused", tmp_path / "schema"), source="synthetic", steps=1, warmup=0, schema=schema)
+    assert r["clips_per_s"] > 0
 
 
 def test_sigterm_stops_with_a_checkpoint_that_resumes(store_root, tmp_path):
