@@ -49,9 +49,12 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         drop_after(self.path, start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:      # a bare GPU image without tensorboard still trains, JSONL only
+            print(f"metrics: no TensorBoard ({e}); writing {self.path} only", file=sys.stderr)
+        else:
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -64,7 +67,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
-            if isinstance(v, (int, float)):
+            if self.tb is not None and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.n = step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,7 +90,11 @@ def test_resume_gives_bit_identical_weights(store_root, tmp_path, fmt):
 def test_ddp_two_gloo_processes(store_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    with socket.socket() as sock:          # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port),
            "-m", "student.train", "--data", store_root, "--output", str(out), "--preset", "tiny",
            "--batch-size", "2", "--lr", "2e-3", "--warmup-steps", "2", "--num-workers", "1", "--log-every", "1",
            "--max-steps", "8", "--checkpoint-every", "4", "--trace-samples", "--shuffle-buffer", "4"]
