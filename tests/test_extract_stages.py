@@ -79,3 +79,15 @@ def test_the_stages_run_in_one_process(folder, tmp_path):
     assert {r["video_uri"] for r in out.index.to_pylist()} == {str(folder / "a.mp4"), str(folder / "nested" / "b.mkv")}
     assert out.errors.column("video_uri").to_pylist() == [str(folder / "bad.mp4")]
     assert store.prepare().done(str(folder / "bad.mp4"))
+
+
+def test_partly_committed_video_decodes_only_its_missing_clips(folder):
+    from pipeline.stages import decode_video
+
+    options = DecodeOptions(clip_spec=ClipSpec(frames=4, views=2), size=64, chunk_clips=2)
+    uri = str(folder / "a.mp4")
+    full = [c for b in decode_video(uri, options) for c in b["clip_id"].tolist()]
+    assert len(full) >= 2
+    rest = [b for b in decode_video(uri, options, skip=full[:1])]
+    assert [c for b in rest for c in b["clip_id"].tolist()] == full[1:]
+    assert all((b["video_clips"] == len(full)).all() for b in rest)
