@@ -239,9 +239,10 @@ def _set_rng_states(states: dict[str, torch.Tensor], env: Dist) -> None:
     if states["torch"].shape[0] != env.world_size:
         raise ValueError(f"checkpoint was written by {states['torch'].shape[0]} ranks, this run has "
                          f"{env.world_size}: exact resume needs the same world size")
-    torch.set_rng_state(states["torch"][env.rank])
+    # .clone(): torch 2.13 segfaults on a state tensor that is a view with a storage offset
+    torch.set_rng_state(states["torch"][env.rank].clone())
     if "cuda" in states and env.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][env.rank], env.device)
+        torch.cuda.set_rng_state(states["cuda"][env.rank].clone(), env.device)
 
 
 class Preemption:
