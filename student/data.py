@@ -266,8 +266,11 @@ def decode_wds_sample(sample: dict[str, bytes], info: StoreInfo) -> tuple[np.nda
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if meta.get("clip_id", key) != key:
         raise StoreContentError(f"sample {key}: metadata names clip {meta.get('clip_id')!r}")
-    frames = np.stack([decode_frame(sample[n], info.frame_ext) for n in names])
-    target = decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), info.target_dtype)
+    try:
+        frames = np.stack([decode_frame(sample[n], info.frame_ext) for n in names])
+        target = decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), info.target_dtype)
+    except (OSError, ValueError) as e:   # PIL's UnidentifiedImageError is an OSError
+        raise StoreContentError(f"clip {key} in {sample.get('__url__')}: cannot decode: {e}") from e
     return _checked(key, frames, target, info)
 
 

@@ -172,6 +172,7 @@ def _rewrite_tar(path: Path, edit) -> None:
     members = edit(members)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, payload in members:
+            m.size = len(payload)
             tar.addfile(m, io.BytesIO(payload))
 
 
@@ -194,6 +195,12 @@ def test_key_and_count_mismatches_are_errors(tmp_path):
     key = lambda m: m[0].name.split(".")[0]
     _rewrite_tar(shard, lambda members: [m for m in members if key(m) != key(members[-1])])
     with pytest.raises(sd.StoreContentError, match="the index lists"):
+        _read(sd.read_store(str(root)), "webdataset", workers=0)
+
+    root = Path(write_tiny_store(tmp_path / "u", videos=2, formats=("webdataset",)))
+    shard = sorted((root / "webdataset").glob("*.tar"))[0]
+    _rewrite_tar(shard, lambda members: [(m, b"not a jpeg" if ".f01." in m.name else p) for m, p in members])
+    with pytest.raises(sd.StoreContentError, match="cannot decode"):
         _read(sd.read_store(str(root)), "webdataset", workers=0)
 
 
