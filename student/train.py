@@ -41,6 +41,8 @@ class TrainConfig:
     output: str = field(metadata={"help": "local run directory: the trained model, checkpoints/, metrics"})
     preset: str = field(default="vitb", metadata={"help": "student preset (vitb, tiny, ...)"})
     init_from: Optional[str] = field(default=None, metadata={"help": "start from this save_pretrained student"})
+    init_from_teacher: Optional[str] = field(default=None, metadata={
+        "help": "initialise the preset's student by clipping this teacher checkpoint's weights (the paper's init)"})
     format: str = field(default="webdataset", metadata={"help": f"store format to read: {', '.join(FORMATS)}"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps; the LR schedule spans them"})
     stop_after: Optional[int] = field(default=None, metadata={
@@ -111,6 +113,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         problems.append(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.init_from and cfg.init_from_teacher:
+        problems.append("--init-from and --init-from-teacher exclude each other")
     if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.num_workers < 0:
         problems.append("--batch-size and --max-steps must be >= 1, --num-workers >= 0")
     if not 0 <= cfg.eval_fraction < 1:
@@ -148,6 +152,10 @@ def build_student(cfg: TrainConfig, info: StoreInfo) -> torch.nn.Module:
         model = LiteFrameModel.from_pretrained(cfg.init_from)
     else:
         model = LiteFrameModel(config_for_store(cfg.preset, info.schema))
+    if cfg.init_from_teacher:   # also on resume: it sets the teacher's image_mean/std in the config
+        from student.init_from_teacher import init_from_teacher
+
+        init_from_teacher(model, cfg.init_from_teacher)
     check_store_matches(model.config, info)
     model.config.target_mean = info.target_mean.tolist()
     model.config.target_std = info.target_std.tolist()
@@ -192,7 +200,7 @@ class Trainer:
         target = batch["target"].to(self.env.device, non_blocking=True)
         z = (target.float() - self.mean) / self.std          # standardised with the store's statistics
         with self.autocast():
-            pred = _tokens(self.model(self.pixels(batch)))
+            pred = self.model(self.pixels(batch))
         loss = distill_loss(self.cfg.loss, pred, z, self.cfg.clip_sigma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,12 +208,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach(), grad_norm.detach()
-
-
-def _tokens(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
 
 
 # ---------------------------------------------------------------- distributed helpers

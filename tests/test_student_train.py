@@ -202,3 +202,17 @@ def test_evaluation_on_a_second_store(store_root, tmp_path):
     train(_cfg(store_root, out, "--max-steps", "2", "--eval-data", other, "--checkpoint-every", "0"))
     ev = json.loads((out / "eval.json").read_text())
     assert ev["clips"] == 6 and {"cosine", "r2", "trivial_cosine", "trivial_r2"} <= set(ev)
+
+
+def test_init_from_teacher_sets_weights_and_normalisation(store_root, tmp_path):
+    from pipeline.testing import make_tiny_teacher
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", "siglip", image_size=56, hidden_size=64, num_layers=4)
+    out = tmp_path / "run"
+    train(_cfg(store_root, out, "--max-steps", "1", "--lr", "1e-12", "--warmup-steps", "1",
+               "--checkpoint-every", "0", "--init-from-teacher", str(teacher)))
+    model = AutoModel.from_pretrained(out)
+    tw = load_file(teacher / "model.safetensors")
+    patch = next(v for k, v in tw.items() if k.endswith("patch_embedding.weight"))
+    assert torch.allclose(model.patch_embed.weight, patch[: model.patch_embed.weight.shape[0]], atol=1e-6)
+    assert model.config.image_mean == pytest.approx([0.5, 0.5, 0.5])    # SigLIP's, not the ImageNet default
