@@ -112,21 +112,19 @@ def read_store(root: str) -> StoreInfo:
     from pipeline.store import open_store
 
     store = open_store(root)
-    index = store.index.select(["shard", "row", "clip_id", "video_id"]).to_pydict()
-    order = sorted(range(len(index["row"])), key=lambda i: (index["shard"][i], index["row"][i]))
-    shards: list[str] = []
-    clip_ids: list[list[str]] = []
-    video_ids: list[list[str]] = []
-    for i in order:
-        shard, row = index["shard"][i], index["row"][i]
-        if not shards or shards[-1] != shard:
-            shards.append(shard)
-            clip_ids.append([])
-            video_ids.append([])
-        if row != len(clip_ids[-1]):
-            raise StoreContentError(f"{root}: index rows of shard {shard} are not 0..n-1 (found row {row})")
-        clip_ids[-1].append(index["clip_id"][i])
-        video_ids[-1].append(index["video_id"][i])
+    index = store.index.select(["shard", "row", "clip_id", "video_id"]).sort_by(
+        [("shard", "ascending"), ("row", "ascending")])
+    shard_col = np.asarray(index.column("shard").to_pylist(), dtype=object)
+    rows = index.column("row").to_numpy()
+    ids, vids = index.column("clip_id").to_pylist(), index.column("video_id").to_pylist()
+    cuts = [0, *(np.flatnonzero(shard_col[1:] != shard_col[:-1]) + 1).tolist(), len(rows)]
+    shards, clip_ids, video_ids = [], [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if not np.array_equal(rows[a:b], np.arange(b - a)):
+            raise StoreContentError(f"{root}: index rows of shard {shard_col[a]} are not 0..{b - a - 1}")
+        shards.append(str(shard_col[a]))
+        clip_ids.append(ids[a:b])
+        video_ids.append(vids[a:b])
     return StoreInfo.from_schema(store.schema, root, store, shards, clip_ids, video_ids)
 
 
