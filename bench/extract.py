@@ -9,7 +9,8 @@ Parts (--parts):
             FLOPs counted analytically, % of the measured matmul rate; per variant (eager SDPA,
             torch.compile, compile + CUDA graphs) and frames per forward. Each variant's output is
             compared with eager's (and eager bf16 with float32) on the same frames.
-  pipeline  pipeline.stages.TeacherStage (teacher + WAP + float16 targets back on the host) over clips
+  pipeline  pipeline.stages.TeacherStage (teacher + WAP + float16 targets back on the host, built as
+            jobs.extract builds it: variant 'compile' = --teacher-compile) over clips
             decoded ahead into host memory, as the Ray actor gets them; efficiency = its clips/s over
             `teacher` clips/s at the same frames per forward and variant.
   decode    the same stage fed by pipeline.stages.decode_video (area A's decode_clips) in a process pool
@@ -51,9 +52,10 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermed
             patch_size=14)
 def variant_options(variant: str) -> tuple[dict | None, tuple[str, ...]]:
     """'eager' | 'compile' | 'compile-cudagraphs', each optionally '-cudnn' (cuDNN SDPA first)
-    -> (torch.compile kwargs or None, attention backends). Static shapes: one graph per batch size."""
+    -> (torch.compile kwargs or None, attention backends). Static shapes: one graph per batch size.
+    '-static' matters in the pipeline/decode parts only: see `_stage`."""
     words = variant.split("-")
-    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn"}
+    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn", "static"}
     if unknown or words[0] not in ("eager", "compile"):
         raise ValueError(f"unknown variant {variant!r}")
     compile_kw = None
@@ -205,8 +207,9 @@ def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device
         del fp32
     for variant in cfg.variants:
         try:
-            rows += _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops,
-                                     bf16_vs_fp32)
+            with torch.inference_mode():   # as TeacherStage runs it: the fair denominator of efficiency
+                rows += _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops,
+                                         bf16_vs_fp32)
         except Exception as e:  # e.g. a compile mode this torch/GPU lacks: report, go on with the others
             print(f"teacher variant {variant}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"part": "teacher", "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
@@ -252,19 +255,25 @@ def _host_batches(n_batches: int, clips: int, cfr: int, size: int) -> list[dict]
 
 
 def _stage(path: Path, device: torch.device, variant: str, fpf: int):
+    """The stage as jobs.extract builds it; plain 'compile' is the job's --teacher-compile (compiled
+    and warmed up in the constructor, then one graph for any batch size). The others compile the
+    teacher afterwards with static shapes ('compile-static': the same, one graph per batch size)."""
     from pipeline.stages import TeacherStage
 
-    stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
-                         dtype="bfloat16" if device.type == "cuda" else "float32", frames_per_forward=fpf)
     compile_kw, attention = variant_options(variant)
+    as_job = variant == "compile"
+    stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
+                         dtype="bfloat16" if device.type == "cuda" else "float32", frames_per_forward=fpf,
+                         compile=as_job)
     stage.teacher.attention_backends = attention
-    if compile_kw is not None:
+    if compile_kw is not None and not as_job:
         stage.teacher.compile_tokens(**compile_kw)
     return stage
 
 
 def _teacher_rate(rows: list, variant: str, fpf: int) -> float | None:
     """Teacher-only clips/s for this variant and batch, from part `teacher`, if it ran."""
+    variant = "-".join(w for w in variant.split("-") if w != "static")
     return next((r["clips_per_s"] for r in rows if r["part"] == "teacher" and r["variant"] == variant
                  and r["frames_per_forward"] == fpf), None)
 
@@ -322,6 +331,7 @@ def _stage_rate(stage, batches: list[dict], threads: int, seconds: float) -> tup
 def _stage_breakdown(stage, batches: list[dict], device: torch.device, variant: str, chunk: int) -> dict:
     """Where one TeacherStage call's time goes (each step synchronised), median of 5 calls."""
     from pipeline.compress import compress_tokens
+    from pipeline.stages import stored_target
     from pipeline.store import encode_target
 
     steps: dict[str, list[float]] = {}
@@ -336,13 +346,15 @@ def _stage_breakdown(stage, batches: list[dict], device: torch.device, variant: 
 
     for i in range(5):
         frames = batches[i % len(batches)]["frames"]
-        tokens = timed("encode_from_host_s", lambda: stage.teacher.encode(frames))
-        target = timed("compress_s", lambda: compress_tokens(tokens, stage.compression))
-        host = timed("to_host_f32_s", lambda: target.float().cpu().numpy())
-        timed("encode_target_cpu_s", lambda: encode_target(host, "float16"))
-        timed("to_host_f16_on_gpu_s", lambda: target.to(torch.float16).cpu().numpy())
-        on_device = torch.as_tensor(frames).to(device)
-        timed("encode_from_device_s", lambda: stage.teacher.encode(on_device))
+        with torch.inference_mode():   # as the stage runs: the compiled graph guards on it
+            tokens = timed("encode_from_host_s", lambda: stage.teacher.encode(frames))
+            target = timed("compress_s", lambda: compress_tokens(tokens, stage.compression))
+            host = timed("to_host_f32_s", lambda: target.float().cpu().numpy())
+            timed("encode_target_cpu_s", lambda: encode_target(host, "float16"))
+            timed("to_host_f16_on_gpu_s", lambda: target.to(torch.float16).cpu().numpy())
+            timed("stored_target_s", lambda: stored_target(target, "float16"))   # what the stage does
+            on_device = torch.as_tensor(frames).to(device)
+            timed("encode_from_device_s", lambda: stage.teacher.encode(on_device))
         del tokens, target, on_device
     return {"part": "stage-breakdown", "variant": variant, "frames_per_forward": chunk,
             **{k: statistics.median(v) for k, v in steps.items()}}
@@ -599,7 +611,8 @@ def markdown(result: dict) -> str:
         "teacher": ["variant", "frames_per_forward", "frames_per_s", "clips_per_s", "tflops", "pct_matmul",
                     "rel_err_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
         "stage-breakdown": ["variant", "frames_per_forward", "encode_from_host_s", "encode_from_device_s",
-                            "compress_s", "to_host_f32_s", "encode_target_cpu_s", "to_host_f16_on_gpu_s"],
+                            "compress_s", "to_host_f32_s", "encode_target_cpu_s", "to_host_f16_on_gpu_s",
+                            "stored_target_s"],
         "pipeline": ["variant", "batch_frames", "frames_per_forward", "threads", "clips_per_s",
                      "teacher_only_clips_per_s", "efficiency"],
         "decode-only": ["workers", "clips_per_s", "clips_per_s_per_worker", "cpu_s_per_clip_est", "errors"],

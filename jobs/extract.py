@@ -55,8 +55,14 @@ class ExtractConfig:
     frame_encoding: str = field(default="jpg", metadata={"help": "jpg | png | npy"})
     jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored frames"})
     target_dtype: str = field(default="float16", metadata={"help": "float16 | bfloat16 (stored as uint16)"})
-    batch_size: int = field(default=16, metadata={"help": "clips per teacher batch"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "clips per teacher batch; default frames-per-forward / clip-frames (one full forward per call)"})
     frames_per_forward: int = field(default=256, metadata={"help": "frames per teacher forward pass"})
+    teacher_compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the teacher (compiled in the actor's start-up); default on with CUDA, off on CPU"})
+    teacher_concurrency: int = field(default=2, metadata={
+        "help": "calls in flight per teacher actor: one call's frame upload and target copy hide behind the "
+                "other's forward"})
     teacher_device: str = field(default="auto", metadata={"help": "auto (cuda when the cluster has GPUs now), "
                                                                    "cuda (e.g. GPU nodes still autoscaling up) or cpu"})
     teacher_actors: int | None = field(default=None, metadata={"help": "teacher actors; default one per GPU, or 1"})
@@ -73,11 +79,20 @@ class ExtractConfig:
                                                                "local, or ray://... / host:port"})
 
 
-def actor_pool(size: int):
-    """The one place that spells Ray Data's actor-pool API (it moved between releases; pinned 2.60)."""
+def actor_pool(size: int, concurrency: int = 1):
+    """The one place that spells Ray Data's actor-pool API (it moved between releases; pinned 2.60).
+
+    concurrency > 1 also needs enable_true_multi_threading: without it Ray Data runs one UDF call
+    per actor at a time and only overlaps the batching around it."""
     import ray.data
 
-    return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=concurrency,
+                                      enable_true_multi_threading=concurrency > 1)
+
+
+def teacher_batch_clips(cfg: ExtractConfig) -> int:
+    """Clips per teacher call: by default exactly one forward's worth of frames."""
+    return cfg.batch_size or max(1, cfg.frames_per_forward // cfg.clip_frames)
 
 
 def clip_spec(cfg: ExtractConfig):
@@ -182,6 +197,8 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, u
     options = DecodeOptions(clip_spec=clip_spec(cfg), size=cfg.size, seed=cfg.seed, timeout=cfg.decode_timeout,
                             chunk_clips=cfg.chunk_clips)
     actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
+    batch = teacher_batch_clips(cfg)
+    compile_teacher = use_gpu if cfg.teacher_compile is None else cfg.teacher_compile
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # The memory reservation bounds concurrent decodes to what RAM holds; being a resource the teacher
     # actors do not ask for, it also keeps Ray Data from fusing decode into them, so decode scales
@@ -189,15 +206,15 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, u
     ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
                         memory=parse_bytes(cfg.decode_memory), fn_kwargs={"options": options, "store": store})
     ds = ds.map_batches(
-        TeacherStage, batch_size=cfg.batch_size, batch_format="numpy", compute=actor_pool(actors),
+        TeacherStage, batch_size=batch, batch_format="numpy", compute=actor_pool(actors, cfg.teacher_concurrency),
         num_gpus=1 if use_gpu else 0, num_cpus=cfg.teacher_cpus,
         fn_constructor_kwargs={
             "teacher": cfg.teacher, "compression": Compression(method=cfg.compression, factors=tuple(cfg.factors)),
             "target_dtype": cfg.target_dtype, "layer": cfg.layer, "head": cfg.head,
             "revision": cfg.teacher_revision, "image_size": cfg.teacher_image_size,
             "device": "cuda" if use_gpu else "cpu", "dtype": teacher_dtype,
-            "frames_per_forward": cfg.frames_per_forward, "expect": store.schema["teacher"]})
-    ds = ds.map_batches(encode_frames, batch_size=cfg.batch_size, batch_format="numpy",
+            "frames_per_forward": cfg.frames_per_forward, "compile": compile_teacher, "expect": store.schema["teacher"]})
+    ds = ds.map_batches(encode_frames, batch_size=batch, batch_format="numpy",
                         fn_kwargs={"encoding": cfg.frame_encoding, "quality": cfg.jpeg_quality})
     sink = _datasink(store, parse_bytes(cfg.shard_bytes), cfg.zarr_shard_clips)
     ds.write_datasink(sink)
@@ -216,6 +233,8 @@ def extract(cfg: ExtractConfig) -> dict:
     try:
         if cfg.teacher_device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"--teacher-device must be auto, cuda or cpu, got {cfg.teacher_device!r}")
+        if cfg.teacher_concurrency < 1:
+            raise ConfigError(f"--teacher-concurrency must be >= 1, got {cfg.teacher_concurrency}")
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = "bfloat16" if use_gpu else "float32"

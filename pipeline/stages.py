@@ -8,6 +8,7 @@ the store's size (never the whole decoded video) and, after the teacher, its com
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import VideoError
-from pipeline.store import (StoreError, StoreWriter, encode_frame, encode_target, filesystem, frame_column,
+from pipeline.store import (TARGET_DTYPES, StoreError, StoreWriter, encode_frame, filesystem, frame_column,
                             roll_shards)
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
@@ -146,43 +147,112 @@ def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
 
 # ---------------------------------------------------------------- teacher + compression
 
+def stored_target(target: Any, dtype: str) -> np.ndarray:
+    """Target tensor (any device) -> the store's array, with the bytes pipeline.store.encode_target gives.
+
+    Cast on the device first (torch rounds to nearest even, as encode_target does), so half the
+    bytes cross to the host, into pinned memory: a float32 copy plus a numpy cast cost the GPU
+    stage a fifth of its time. bfloat16 leaves as its uint16 bit pattern (npy/zarr lack bf16)."""
+    import torch
+
+    if dtype not in TARGET_DTYPES:
+        raise StoreError(f"unknown target dtype {dtype!r} (known: {', '.join(TARGET_DTYPES)})")
+    cast = target.to(getattr(torch, dtype))
+    if cast.is_cuda:
+        host = torch.empty(cast.shape, dtype=cast.dtype, pin_memory=True)
+        host.copy_(cast)
+    else:
+        host = cast.contiguous()
+    return host.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else host.numpy()
+
+
+class BusyClock:
+    """Wall time with at least one call in flight: the union of the calls' intervals, so calls that
+    overlap in one actor (max_concurrency > 1) are not counted twice."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self._unreported = 0.0
+
+    def _advance(self, change: int) -> None:
+        now = self.clock()
+        if self._in_flight:
+            self._unreported += now - self._since
+        self._since = now
+        self._in_flight += change
+
+    def start(self) -> None:
+        with self._lock:
+            self._advance(+1)
+
+    def stop(self) -> float:
+        """End one call; returns the busy seconds not reported yet (those of calls still in flight too)."""
+        with self._lock:
+            self._advance(-1)
+            busy, self._unreported = self._unreported, 0.0
+            return busy
+
+
 class TeacherStage:
     """Teacher + compression over batches of clips. One instance per GPU (a Ray actor), or in-process.
 
-    Adds `target` (stored dtype, [B, N, D]) and the timing columns the job's summary turns into the
-    teacher busy fraction: time inside encode+compress / wall time since the actor was ready."""
+    Thread-safe: the job runs two calls per actor at once, so one call's frame upload and target
+    copy hide behind the other's forward. Adds `target` (stored dtype, [B, N, D]) and the timing
+    columns the job's summary turns into the teacher busy fraction: wall time with a call in flight
+    / wall time since the actor was ready."""
 
     def __init__(self, teacher: str, *, compression: Any, target_dtype: str = "float16", layer: int = -1,
                  head: str = "none", revision: str | None = None, image_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, frames_per_forward: int = 256,
-                 expect: Mapping | None = None):
+                 compile: bool = False, expect: Mapping | None = None):
         import torch
 
         from pipeline.teacher import Teacher
 
         torch.set_grad_enabled(False)
         self.teacher = Teacher.from_pretrained(teacher, layer=layer, head=head, revision=revision, device=device,
-                                               dtype=dtype, image_size=image_size, batch_size=frames_per_forward)
+                                               dtype=dtype, image_size=image_size, batch_size=frames_per_forward,
+                                               compile=compile)
         if expect is not None and self.teacher.describe() != dict(expect):
             raise StoreError(f"teacher {teacher} on this worker describes itself as {self.teacher.describe()}, "
                              f"the store expects {dict(expect)}")
+        if compile:
+            self._warm_up(frames_per_forward)
         self.compression = compression
         self.target_dtype = target_dtype
         self.actor = uuid.uuid4().hex[:12]
+        self.busy = BusyClock()
         self.ready = time.time()
+
+    def _warm_up(self, frames_per_forward: int) -> None:
+        """Compile before the actor counts as ready: a full forward, then a smaller one, after which
+        torch.compile's graph takes any batch size (the short last batches of a stream) without
+        compiling again mid-run."""
+        import torch
+
+        size = self.teacher.image_size
+        with torch.inference_mode():   # as in __call__: the compiled graph guards on the grad mode
+            for n in (frames_per_forward, min(8, frames_per_forward // 2)):
+                if n >= 2:
+                    self.teacher.encode(np.zeros((1, n, size, size, 3), dtype=np.uint8))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from pipeline.compress import compress_tokens
 
-        start = time.perf_counter()
-        with torch.inference_mode():
-            tokens = self.teacher.encode(batch["frames"])
-            target = compress_tokens(tokens, self.compression).float().cpu().numpy()
-        busy = time.perf_counter() - start
+        self.busy.start()
+        try:
+            with torch.inference_mode():
+                tokens = self.teacher.encode(batch["frames"])
+                target = stored_target(compress_tokens(tokens, self.compression), self.target_dtype)
+        finally:
+            busy = self.busy.stop()
         n = len(target)
-        batch["target"] = encode_target(target, self.target_dtype)
+        batch["target"] = target
         batch["teacher_actor"] = np.array([self.actor] * n)
         batch["teacher_busy"] = np.full(n, busy / n)
         batch["teacher_ready"] = np.full(n, self.ready)

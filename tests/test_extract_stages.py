@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from jobs.extract import ExtractConfig, store_schema
 from pipeline.clips import ClipSpec
 from pipeline.compress import Compression
 from pipeline.config import parse_config
-from pipeline.stages import (DecodeOptions, TeacherStage, decode_videos, encode_frames, list_videos, parse_bytes,
-                             write_shards)
-from pipeline.store import StoreWriter, open_store
+from pipeline.stages import (BusyClock, DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
+                             list_videos, parse_bytes, stored_target, write_shards)
+from pipeline.store import StoreError, StoreWriter, decode_target, encode_target, open_store
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +95,75 @@ def test_partly_committed_video_decodes_only_its_missing_clips(folder):
     rest = [b for b in decode_video(uri, options, skip=full[:1])]
     assert [c for b in rest for c in b["clip_id"].tolist()] == full[1:]
     assert all((b["video_clips"] == len(full)).all() for b in rest)
+
+
+def _rounding_cases() -> np.ndarray:
+    """Random targets plus the values where casts differ: float16 overflow/subnormals and bf16 ties."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, 4084).astype(np.float32)
+    ties = (rng.integers(0x3F80, 0x4780, 64, dtype=np.uint32) << 16 | 0x8000).view(np.float32)   # half-way
+    special = np.array([0.0, -0.0, 65504.0, 65520.0, 7e4, -7e4, 6e-8, 3e-8, 1e-5, -2.5e-6, 1e-40, 3.0e38],
+                       dtype=np.float32)
+    return np.concatenate([x, ties, ties + np.float32(1e-3), special]).reshape(-1, 4, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stored_target_bytes_are_encode_targets(dtype):
+    """The torch path (cast on the device) stores exactly the bytes the store's numpy encoder gives."""
+    x = _rounding_cases()
+    got = stored_target(torch.from_numpy(x), dtype)
+    with np.errstate(over="ignore"):        # 7e4 overflows float16 to inf, on both paths
+        want = encode_target(x, dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)        # the teacher's output dtype on a GPU
+    with np.errstate(over="ignore"):
+        assert stored_target(bf16, dtype).tobytes() == encode_target(bf16.float().numpy(), dtype).tobytes()
+    with pytest.raises(StoreError, match="target dtype"):
+        stored_target(torch.from_numpy(x), "float8")
+
+
+def test_busy_clock_counts_overlapping_calls_once():
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
+    reported = []
+    for t, event in [(0, "start"), (1, "start"), (2, "stop"), (5, "stop"), (10, "start"), (11, "stop")]:
+        now[0] = float(t)
+        if event == "start":
+            clock.start()
+        else:
+            reported.append(clock.stop())
+    # calls [0, 2] and [1, 5] overlap: busy 5 s, not 2 + 4; then [10, 11]
+    assert reported == [2.0, 3.0, 1.0]
+
+
+def test_teacher_stage_concurrent_calls(tmp_path):
+    """Two calls in flight at once (the job's actor concurrency): each gets its own targets (an
+    intermediate layer, captured per thread) and the busy time is no more than the wall time."""
+    from pipeline.testing import make_tiny_teacher
+
+    teacher = str(make_tiny_teacher(tmp_path / "teacher", "dinov2", image_size=56, hidden_size=32, num_layers=2))
+    stage = TeacherStage(teacher, compression=Compression("wap", (2, 2, 2)), layer=1, device="cpu",
+                         dtype="float32", target_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    batches = [{"frames": rng.integers(0, 256, (3, 4, 56, 56, 3), dtype=np.uint8)} for _ in range(6)]
+    alone = [stage(dict(b))["target"] for b in batches]
+    out: dict[int, dict] = {}
+
+    def run(indices):
+        for i in indices:
+            out[i] = stage(dict(batches[i]))
+
+    threads = [threading.Thread(target=run, args=(range(k, len(batches), 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary = WriteSummary()
+    for i, b in enumerate(batches):
+        assert out[i]["target"].dtype == np.uint16
+        np.testing.assert_allclose(decode_target(out[i]["target"], "bfloat16"), decode_target(alone[i], "bfloat16"),
+                                   rtol=1e-2, atol=1e-3)
+        for busy, ready, done in zip(out[i]["teacher_busy"], out[i]["teacher_ready"], out[i]["teacher_done"]):
+            summary.add(WriteSummary(teacher={str(out[i]["teacher_actor"][0]): [busy, ready, done]}))
+    assert 0 < summary.busy_fraction() <= 1.0
