@@ -101,7 +101,12 @@ def setup_distributed() -> Dist:
 
 
 # Settings that decide which clip lands in which step: exact resume needs them unchanged.
-ORDER_FIELDS = ("data", "format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction", "num_workers")
+# (The store itself is compared by identity, not path, so a moved or copied store still resumes.)
+ORDER_FIELDS = ("format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction", "num_workers")
+
+
+def store_identity(info: StoreInfo) -> dict[str, Any]:
+    return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": sum(info.counts)}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -123,13 +128,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig, world_size: int, saved_world: int) -> None:
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo, world_size: int) -> None:
     """A resume that would silently see other samples than the stopped run is an error."""
-    now = to_dict(cfg)
+    saved, now = state["config"], to_dict(cfg)
     fields = [f for f in ORDER_FIELDS if f != "num_workers" or cfg.format == "webdataset"]
     changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in fields if saved.get(f) != now[f]]
-    if world_size != saved_world:
-        changed.append(f"world size: {saved_world} -> {world_size}")
+    if world_size != state["world_size"]:
+        changed.append(f"world size: {state['world_size']} -> {world_size}")
+    if state["store"] != store_identity(info):
+        changed.append(f"store: {saved['data']} -> {cfg.data} holds other clips")
     if changed:
         raise ValueError("cannot resume exactly, the sample order would change (" + "; ".join(changed) +
                          "): restore these settings or train into a new --output")
@@ -303,7 +310,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     last = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if last is not None:
         state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
-        check_resumable(state["config"], cfg, env.world_size, state["world_size"])
+        check_resumable(state, cfg, info, env.world_size)
         trainer.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(rng, env)
         step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
@@ -376,7 +383,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                         "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
                                                  "clips": batch_in_epoch * cfg.batch_size},
                         "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
-                        "world_size": env.world_size}, rng, cfg.keep_checkpoints)
+                        "world_size": env.world_size, "store": store_identity(info)}, rng, cfg.keep_checkpoints)
                 _barrier(env)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 run_eval()
