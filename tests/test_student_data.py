@@ -233,8 +233,8 @@ def s3_env(monkeypatch):
 def test_streams_from_s3_like_from_disk(s3_env, info):
     import s3fs
 
-    s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"]).mkdir("bucket")
-    remote = sd.read_store(write_tiny_store("s3://bucket/store"))     # same seed: the same clips
+    s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"]).mkdir("student-data")
+    remote = sd.read_store(write_tiny_store("s3://student-data/store"))     # same seed: the same clips
     assert remote.shard_url(0).startswith("s3://")
     for fmt, workers in (("webdataset", 2), ("zarr", 0)):
         _, here = _read(info, fmt, workers=workers, epoch=1)

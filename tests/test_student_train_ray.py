@@ -1,6 +1,7 @@
-"""The whole path on one real local Ray instance (started and stopped here): `jobs.extract` turns
-generated videos into a store with a tiny random teacher; `student.train` learns from it (loss
-falls); `jobs.train_student` runs the same loop under Ray Train (TorchTrainer, 2 CPU workers, gloo)."""
+"""The whole path on one real Ray (a local instance started and stopped here, unless the test session
+already drives one): `jobs.extract` turns generated videos into a store with a tiny random teacher;
+`student.train` learns from it (loss falls); `jobs.train_student` runs the same loop under Ray Train
+(TorchTrainer, 2 CPU workers, gloo)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def extracted_store(tmp_path_factory):
     make_video(root / "videos" / "a.mp4", seconds=3.0, fps=8, size=(96, 64))
     make_video(root / "videos" / "b.mp4", seconds=2.0, fps=10, size=(64, 96))
     teacher = make_tiny_teacher(root / "teacher", "siglip", image_size=56, hidden_size=32)
-    ray.init(num_cpus=2, include_dashboard=False)
+    started = not ray.is_initialized()      # else: the session's shared cluster, already connected
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
     try:
         extract(parse_config(ExtractConfig, [
             "--input", str(root / "videos"), "--output", str(root / "store"), "--teacher", str(teacher),
@@ -34,7 +37,8 @@ def extracted_store(tmp_path_factory):
             "--batch-size", "4", "--teacher-cpus", "0.5", "--decode-cpus", "0.5", "--shard-bytes", "20KB"]))
         yield str(root / "store")
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 @pytest.mark.slow
