@@ -31,8 +31,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, to_pi
         if max_batches is not None and i >= max_batches:
             break
         target = batch["target"].to(device, non_blocking=True).float()
+        pixels = to_pixels(batch)
         with autocast():
-            z_pred = model(to_pixels(batch))
+            z_pred = model(pixels)
         z_pred = z_pred.float()
         z = (target - mean) / std
         pred = z_pred * std + mean

@@ -206,8 +206,9 @@ class Trainer:
     def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch["target"].to(self.env.device, non_blocking=True)
         z = (target.float() - self.mean) / self.std          # standardised with the store's statistics
+        pixels = self.pixels(batch)                            # float32: jitter and normalisation
         with self.autocast():
-            pred = self.model(self.pixels(batch))
+            pred = self.model(pixels)
         loss = distill_loss(self.cfg.loss, pred, z, self.cfg.clip_sigma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
