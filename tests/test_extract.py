@@ -8,14 +8,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.store import decode_frame, decode_target, open_store
+from tests.support import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "videos"
@@ -32,101 +29,6 @@ FAMILIES = ("internvl", "siglip")
 T, SIZE, TOKENS, DIM = 4, 64, 8, 32
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """Stop a process we started in its own session, with everything it spawned: SIGTERM to the
-    group, then SIGKILL to whatever is left of it after `grace` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        proc.poll()                      # reap the leader so it stops counting as a member
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
-def wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """True once `url` answers; False if `proc` died or `timeout` passed first."""
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return True
-        except OSError:
-            time.sleep(0.5)
-    return False
-
-
-@dataclass
-class Cluster:
-    address: str
-    dashboard: str
-    env: dict
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """One `ray start --head` cluster (with dashboard, for job submission) for the whole session.
-
-    Started with --block in its own session, so teardown stops exactly this cluster (not `ray stop`,
-    which would stop every Ray on the machine)."""
-    port, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="lfray", dir="/tmp")   # short: Ray's socket paths have a length limit
-    # A token in ~/.ray (from another cluster on this machine) would switch token auth on; this
-    # cluster is local to the test and listens on 127.0.0.1 only.
-    auth_before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(REPO)}
-    log = open(os.path.join(temp, "ray-start.log"), "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        if not wait_for_http(f"http://127.0.0.1:{dash}/api/version", proc, 120):
-            raise RuntimeError("ray start failed:\n" + Path(temp, "ray-start.log").read_text()[-3000:])
-        yield Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env)
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        stop_group(proc, grace=5)
-        log.close()
-        if auth_before is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth_before
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def driver(cluster):
-    """This test process as a Ray driver of the session cluster (the job reuses the connection)."""
-    import ray
-
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -169,12 +71,12 @@ def run_job(argv) -> dict:
 
 
 @pytest.fixture(scope="session")
-def stores(driver, teachers, videos, tmp_path_factory):
+def stores(ray_driver, teachers, videos, tmp_path_factory):
     """One uninterrupted extraction per teacher family."""
     out = {}
     for family in FAMILIES:
         root = tmp_path_factory.mktemp(f"store-{family}")
-        out[family] = (root, run_job(args(videos, root, teachers[family], driver.address)))
+        out[family] = (root, run_job(args(videos, root, teachers[family], ray_driver.address)))
     return out
 
 
@@ -248,7 +150,7 @@ def test_store_is_complete_and_readable(stores, videos, family):
         assert group["frames"].shape[1:] == (T, SIZE, SIZE, 3)
 
 
-def test_ray_data_reads_the_webdataset_shards(stores, driver):
+def test_ray_data_reads_the_webdataset_shards(stores, ray_driver):
     import ray.data
 
     store = open_store(str(stores["internvl"][0]))
@@ -279,26 +181,26 @@ def test_targets_match_the_teacher_run_in_process(stores, teachers):
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98
 
 
-def test_rerun_does_no_work_and_duplicates_nothing(stores, teachers, videos, driver):
+def test_rerun_does_no_work_and_duplicates_nothing(stores, teachers, videos, ray_driver):
     root, first = stores["internvl"]
     before = pq.read_table(root / "index.parquet").to_pylist()
     commits = sorted(os.listdir(root / "_commits"))
-    summary = run_job(args(videos, root, teachers["internvl"], driver.address))
+    summary = run_job(args(videos, root, teachers["internvl"], ray_driver.address))
     assert summary["clips_written"] == 0 and summary["shards_written"] == 0
     assert summary["videos_skipped_done"] == summary["videos_in_input"]
     assert sorted(os.listdir(root / "_commits")) == commits
     assert pq.read_table(root / "index.parquet").to_pylist() == before
 
 
-def test_config_mismatch_is_a_clear_error(stores, teachers, videos, driver, capsys):
+def test_config_mismatch_is_a_clear_error(stores, teachers, videos, ray_driver, capsys):
     from jobs.extract import main
 
     root, _ = stores["internvl"]
     index = (root / "index.parquet").read_bytes()
-    assert main(args(videos, root, teachers["internvl"], driver.address, "--compression", "avg")) == 2
+    assert main(args(videos, root, teachers["internvl"], ray_driver.address, "--compression", "avg")) == 2
     err = capsys.readouterr().err
     assert "another config" in err and "compression" in err
-    assert main(args(videos, root, teachers["siglip"], driver.address)) == 2
+    assert main(args(videos, root, teachers["siglip"], ray_driver.address)) == 2
     assert "teacher" in capsys.readouterr().err
     assert (root / "index.parquet").read_bytes() == index, "a refused job must leave the store untouched"
 
@@ -318,13 +220,13 @@ def wait_for_job_workers_to_stop(dashboard: str, driver_pid: int, timeout: float
         time.sleep(0.5)
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, videos, driver, tmp_path):
+def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, videos, ray_driver, tmp_path):
     reference_root, _ = stores["internvl"]
     reference = open_store(str(reference_root))
     root = tmp_path / "killed"
-    argv = args(videos, root, teachers["internvl"], driver.address, "--chunk-clips", "1", "--batch-size", "1",
+    argv = args(videos, root, teachers["internvl"], ray_driver.address, "--chunk-clips", "1", "--batch-size", "1",
                 "--shard-bytes", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO, env=driver.env,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO, env=ray_driver.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -336,7 +238,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
         proc.wait(30)
     finally:
         stop_group(proc, grace=5)
-    wait_for_job_workers_to_stop(driver.dashboard, proc.pid)
+    wait_for_job_workers_to_stop(ray_driver.dashboard, proc.pid)
     assert not (root / "index.parquet").exists()
     committed = len(list((root / "_commits").glob("shard-*.json")))
 
@@ -364,7 +266,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
     assert not (root / "_tmp").exists() or not any((root / "_tmp").iterdir())
 
 
-def test_ray_job_submit(cluster, teachers, videos, tmp_path):
+def test_ray_job_submit(ray_cluster, teachers, videos, tmp_path):
     """The same command under `ray job submit --working-dir .` against the session cluster."""
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -372,10 +274,15 @@ def test_ray_job_submit(cluster, teachers, videos, tmp_path):
         shutil.copy(videos / name, inputs / name)
     out = tmp_path / "submitted"
     job_args = [a for a in args(inputs, out, teachers["siglip"], "auto")]
-    result = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-         "--", "python", "-m", "jobs.extract", *job_args],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=400)
+    deadline = time.time() + 180
+    while True:   # the dashboard answers before its job agent is up: Ray says "try again later"
+        result = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO),
+             "--", "python", "-m", "jobs.extract", *job_args],
+            cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in result.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "extraction complete" in result.stdout
     store = open_store(str(out))
@@ -383,34 +290,19 @@ def test_ray_job_submit(cluster, teachers, videos, tmp_path):
     assert [e["video_uri"] for e in store.errors.to_pylist()] == [str(inputs / "bad.mp4")]
 
 
-@pytest.fixture
-def s3_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert wait_for_http(f"http://127.0.0.1:{port}/", proc, 60), "moto server did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc, grace=10)
-
-
-def test_s3_round_trip(s3_server, cluster, teachers, videos, monkeypatch):
+def test_s3_round_trip(s3_env, ray_cluster, teachers, videos):
     """Videos in a bucket, store in a bucket; the driver's AWS_* environment reaches the workers."""
     import s3fs
 
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    env = s3_env
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing")
     fs.mkdir("bucket")
     for name in ("a.mp4", "bad.mp4"):
         fs.put_file(str(videos / name), f"bucket/videos/{name}")
     # a separate driver process, like a user's: only its environment knows the endpoint
-    argv = args("s3://bucket/videos/", "s3://bucket/store", teachers["internvl"], cluster.address)
+    argv = args("s3://bucket/videos/", "s3://bucket/store", teachers["internvl"], ray_cluster.address)
     result = subprocess.run([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO,
-                            env={**cluster.env, **env}, capture_output=True, text=True, timeout=300)
+                            env={**ray_cluster.env, **env}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     store = open_store("s3://bucket/store")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 
@@ -13,38 +11,23 @@ from pipeline.video import decode_frames, probe
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
+def bucket(s3_endpoint, tmp_path_factory):
+    """Two generated videos in s3://videos/clips/ (and their local originals)."""
+    import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-        fs.mkdir("videos")
-        root = tmp_path_factory.mktemp("s3src")
-        for name, seconds in (("a.mp4", 2.0), ("b.mp4", 3.0)):
-            make_video(root / name, seconds=seconds, fps=10, size=(128, 96))
-            fs.put(str(root / name), f"videos/clips/{name}")
-        yield endpoint, root
-    finally:
-        server.stop()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing")
+    fs.mkdir("videos")
+    root = tmp_path_factory.mktemp("s3src")
+    for name, seconds in (("a.mp4", 2.0), ("b.mp4", 3.0)):
+        make_video(root / name, seconds=seconds, fps=10, size=(128, 96))
+        fs.put(str(root / name), f"videos/clips/{name}")
+    return root
 
 
 @pytest.fixture
-def env(s3, monkeypatch, tmp_path):
-    endpoint, root = s3
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def env(bucket, s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("LITEFRAME_VIDEO_CACHE", str(tmp_path / "cache"))
-    return root
+    return bucket
 
 
 def test_s3_decode_equals_local(env, tmp_path):
