@@ -212,24 +212,6 @@ def test_heldout_split_is_by_video(info):
     assert [h.tolist() for h in held] == [h.tolist() for h in sd.heldout_mask(info, 0.3)]
 
 
-@pytest.fixture
-def s3_env(monkeypatch):
-    """moto's S3 server on 127.0.0.1, reached through the usual AWS_* variables."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        yield env
-    finally:
-        server.stop()
-
-
 def test_streams_from_s3_like_from_disk(s3_env, info):
     import s3fs
 

@@ -1,7 +1,6 @@
-"""The whole path on one real Ray (a local instance started and stopped here, unless the test session
-already drives one): `jobs.extract` turns generated videos into a store with a tiny random teacher;
-`student.train` learns from it (loss falls); `jobs.train_student` runs the same loop under Ray Train
-(TorchTrainer, 2 CPU workers, gloo)."""
+"""The whole path on the session's real Ray cluster (conftest's `ray_driver`): `jobs.extract` turns
+generated videos into a store with a tiny random teacher; `student.train` learns from it (loss
+falls); `jobs.train_student` runs the same loop under Ray Train (TorchTrainer, 2 CPU workers, gloo)."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from student.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def extracted_store(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def extracted_store(ray_driver, tmp_path_factory):
     from jobs.extract import ExtractConfig, extract
     from pipeline.samples import make_video
     from pipeline.testing import make_tiny_teacher
@@ -27,18 +25,12 @@ def extracted_store(tmp_path_factory):
     make_video(root / "videos" / "a.mp4", seconds=3.0, fps=8, size=(96, 64))
     make_video(root / "videos" / "b.mp4", seconds=2.0, fps=10, size=(64, 96))
     teacher = make_tiny_teacher(root / "teacher", "siglip", image_size=56, hidden_size=32)
-    started = not ray.is_initialized()      # else: the session's shared cluster, already connected
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        extract(parse_config(ExtractConfig, [
-            "--input", str(root / "videos"), "--output", str(root / "store"), "--teacher", str(teacher),
-            "--size", "56", "--clip-frames", "4", "--views", "2", "--fps", "2-4", "--factors", "2,2,2",
-            "--batch-size", "4", "--teacher-cpus", "0.5", "--decode-cpus", "0.5", "--shard-bytes", "20KB"]))
-        yield str(root / "store")
-    finally:
-        if started:
-            ray.shutdown()
+    extract(parse_config(ExtractConfig, [
+        "--input", str(root / "videos"), "--output", str(root / "store"), "--teacher", str(teacher),
+        "--size", "56", "--clip-frames", "4", "--views", "2", "--fps", "2-4", "--factors", "2,2,2",
+        "--batch-size", "4", "--teacher-cpus", "0.5", "--decode-cpus", "0.5", "--shard-bytes", "20KB",
+        "--ray-address", ray_driver.address]))
+    return str(root / "store")
 
 
 @pytest.mark.slow
