@@ -63,10 +63,6 @@ class StoreInfo:
     clip_ids: list[list[str]]       # per shard, clip ids in row order
     video_ids: list[list[str]]
 
-    @property
-    def counts(self) -> list[int]:
-        return [len(c) for c in self.clip_ids]
-
     def shard_url(self, shard: int) -> str | None:
         return self._urls[shard]
 
@@ -76,6 +72,7 @@ class StoreInfo:
                 for u in (self.store.shard_urls(format="webdataset") if has_tars else [])}
         self._urls = [urls.get(s) for s in self.shards]
         self._pid = os.getpid()
+        self.counts = [len(c) for c in self.clip_ids]     # clips per shard
 
     @property
     def formats(self) -> list[str]:
