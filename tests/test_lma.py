@@ -287,16 +287,76 @@ def test_generate_cli_end_to_end(trained, data_file):
 
 
 @pytest.mark.slow
-def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, student_dir, llm_dir, data_file, capsys):
+def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, ray_driver, student_dir, llm_dir, data_file, capsys):
+    """On the session's Ray cluster, as a task; grad-accum and gradient checkpointing on the way."""
     from jobs.lma_finetune import main
 
     out = tmp_path / "ray_out"
     main(["--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(out),
-          "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--gradient-checkpointing", "--address", "local", "--num-cpus", "1", "--max-retries", "1"])
+          "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--gradient-checkpointing",
+          "--address", ray_driver.address, "--num-cpus", "1", "--max-retries", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"output": str(out.resolve())}
     assert [json.loads(t)["step"] for t in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert {2, 3} <= {json.loads(t)["line"] for t in (out / "skipped.jsonl").read_text().splitlines()}
+
+
+@pytest.mark.shared_videos
+def test_answer_on_real_videos(trained, shared_videos):
+    """Real containers through the whole inference path; a 3-frame video gives one padded clip."""
+    from lma.generate import answer
+
+    model = VideoLLM.from_pretrained(trained)
+    text, report = answer(model, str(shared_videos / "video_90.mov"), "what happens", FRAMES, 3)
+    assert report["frames"] == 3 and report["visual_tokens"] == model.config.tokens_per_clip
+    text, report = answer(model, str(shared_videos / "flipping_a_pancake.mkv"), "what happens", FRAMES, 3)
+    assert report["frames"] == FRAMES and report["visual_tokens"] == 2 * model.config.tokens_per_clip
+    with pytest.raises(errors.VideoError):
+        answer(model, str(shared_videos / "corrupted.mp4"), "what happens", FRAMES, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 GPU path needs a CUDA device")
+def test_bf16_cuda_train_step_and_greedy(student_dir, llm_dir):
+    model = VideoLLM.build(student_dir, str(llm_dir), device="cuda")
+    assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.projector.fc1.weight.dtype == torch.float32
+    frames = torch.randint(0, 256, (8, 112, 112, 3), dtype=torch.uint8)
+    batch = _batch(model, frames)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    loss = model(**batch, visual=model.visual_embeds(frames)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    model.eval()
+    with torch.no_grad():
+        prompt = model.prompt([{"role": "user", "content": "<video>\nwhat colour"}], [0.0] * 8,
+                              add_generation_prompt=True)
+        mask = torch.ones_like(prompt.input_ids)[None]
+        out = model(prompt.input_ids[None], mask, prompt.visual_mask[None], model.visual_embeds(frames), use_cache=True)
+        tokens = model.greedy(out.logits, out.past_key_values, mask, 5)
+    assert len(tokens) <= 5
+
+
+@pytest.mark.slow
+def test_finetune_reads_jsonl_and_videos_from_s3(tmp_path, monkeypatch, s3_env, student_dir, llm_dir, data_file):
+    """`--data s3://...` against the session's moto S3 server; relative video paths resolve in the bucket."""
+    import s3fs
+
+    monkeypatch.setenv("LITEFRAME_VIDEO_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    fs.mkdir("lma")
+    for name in ("train.jsonl", "a.mp4", "junk.mp4"):
+        fs.put(str(data_file.parent / name), f"lma/set/{name}")
+    records, _ = read_records("s3://lma/set/train.jsonl")
+    assert records[0].video == "s3://lma/set/a.mp4"
+    out = tmp_path / "out"
+    finetune(parse_config(FinetuneConfig, [
+        "--student", str(student_dir), "--llm", str(llm_dir), "--data", "s3://lma/set/train.jsonl",
+        "--output", str(out), "--frames", str(FRAMES), "--max-steps", "1", "--batch-size", "2"]))
+    assert json.loads((out / "metrics.jsonl").read_text())["visual_tokens"] == 2 * (FRAMES // 4) * 4
 
 
 @pytest.mark.shared_videos
