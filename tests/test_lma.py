@@ -443,3 +443,18 @@ def test_unfrozen_student_gets_gradients_and_is_saved(tmp_path, student_dir, llm
     loaded = VideoLLM.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.student.patch_embed.weight, model.student.patch_embed.weight)
     assert not any(p.requires_grad for p in loaded.student.parameters())
+
+
+def test_latency_bench_tiny_smoke(tmp_path):
+    """bench/latency.py --tiny runs the table's code paths at tiny shapes (times are not checked)."""
+    out = tmp_path / "latency.json"
+    done = subprocess.run([sys.executable, "bench/latency.py", "--tiny", "--reps", "1", "--warmup", "0",
+                           "--baseline-frames", "32,8", "--student-frames", "8", "--json-out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    tokens = {(r["model"].split()[0], r["frames"]): r["visual_tokens"] for r in rows}
+    # tiny ViT: 112 px / 14 = 8x8 patches, pixel shuffle 0.5 -> 16 per frame; tiny student: 4 per 4-frame clip
+    assert tokens == {("InternVL3-8B", 32): 512, ("InternVL3-8B", 8): 128, ("LiteFrame", 8): 8}
+    assert all(r["prefill_ms"] > 0 and r["vit_ms"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0 and "| LiteFrame student (tiny) | eager | 8 |" in done.stdout
