@@ -208,11 +208,8 @@ class TeacherStage:
                  head: str = "none", revision: str | None = None, image_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, frames_per_forward: int = 256,
                  compile: bool = False, expect: Mapping | None = None):
-        import torch
-
         from pipeline.teacher import Teacher
 
-        torch.set_grad_enabled(False)
         self.teacher = Teacher.from_pretrained(teacher, layer=layer, head=head, revision=revision, device=device,
                                                dtype=dtype, image_size=image_size, batch_size=frames_per_forward,
                                                compile=compile)

@@ -167,3 +167,16 @@ def test_teacher_stage_concurrent_calls(tmp_path):
         for busy, ready, done in zip(out[i]["teacher_busy"], out[i]["teacher_ready"], out[i]["teacher_done"]):
             summary.add(WriteSummary(teacher={str(out[i]["teacher_actor"][0]): [busy, ready, done]}))
     assert 0 < summary.busy_fraction() <= 1.0
+
+
+def test_teacher_stage_leaves_grad_mode_alone(tmp_path):
+    """The stage runs in-process too (benchmarks, notebooks, these tests): building or calling it
+    must not switch autograd off for the rest of the process."""
+    from pipeline.compress import Compression
+    from pipeline.stages import TeacherStage
+    from pipeline.testing import make_tiny_teacher
+
+    teacher = make_tiny_teacher(tmp_path / "t", "siglip", image_size=56)
+    stage = TeacherStage(str(teacher), compression=Compression("avg", (2, 2, 2)))
+    stage({"frames": np.zeros((1, 2, 56, 56, 3), dtype=np.uint8)})
+    assert torch.is_grad_enabled()
