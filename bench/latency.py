@@ -140,7 +140,7 @@ class Bench:
                               device=self.device)
         vit_ms, tokens = self.timer(lambda: encode(video, chunk_frames=self.args.chunk_frames))
         name = f"LiteFrame student ({self.args.student_preset})"
-        rest = self._after_vit((name, frames), lambda: self.projector(tokens).to(self.model.dtype),
+        rest = self._after_vit((name, frames), lambda: self.projector(tokens.to(self.dtype)),
                                tokens.shape[0])                        # a marker per clip
         return {"model": name, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
 
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     hidden = model.config.text_config.hidden_size
     args.student_preset = "tiny" if args.tiny else "vitb"
     student = build_student(args.student_preset, device, dtype, target_dim=hidden)
-    projector = VideoProjector(hidden, hidden).to(device)   # residual: targets already in LLM space
+    # residual: targets already in LLM space; in the LLM's dtype, as VideoLLM.from_pretrained runs it
+    projector = VideoProjector(hidden, hidden).to(device, dtype)
     towers, encoders = {"eager": model.model.vision_tower}, {"eager": student.encode_video}
     if args.compile:   # the student's own fast path (frame axis dynamic: one compile for all lengths)
         from student.fast import FastEncoder

@@ -142,7 +142,10 @@ class VideoLLM(nn.Module):
             llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=is_trainable)
         proj = VideoProjector(config.projector_in, config.hidden_size, config.projector_kind)
         proj.load_state_dict(load_file(path / "projector.safetensors"))
-        model = cls(config, student, proj.to(device), llm, tokenizer)
+        # fp32 master weights only while training; for inference it runs in the LLM's dtype
+        # (an fp32 3584x3584 MLP over 8192 tokens costs ~9 ms on an H200, bf16 ~1 ms).
+        proj = proj.to(device) if is_trainable else proj.to(device, dtype)
+        model = cls(config, student, proj, llm, tokenizer)
         return model if is_trainable else model.eval()
 
     def save_pretrained(self, path: str | Path, merge: bool = False) -> None:
@@ -192,8 +195,8 @@ class VideoLLM(nn.Module):
         return self.student.encode_video(frames)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Student tokens → LLM input embeddings (projector in fp32, output in the LLM's dtype)."""
-        out = self.projector(tokens.to(self.device, torch.float32))
+        """Student tokens → LLM input embeddings (in the projector's dtype, out in the LLM's)."""
+        out = self.projector(tokens.to(self.device, self.projector.fc1.weight.dtype))
         return out.to(self.llm.get_input_embeddings().weight.dtype)
 
     def visual_embeds(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
