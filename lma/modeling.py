@@ -189,10 +189,10 @@ class VideoLLM(nn.Module):
     # ---- the forward path -------------------------------------------------------------------
     def student_tokens(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 frames [N, H, W, 3] → teacher-space tokens [clips, tokens_per_clip, target_dim]."""
-        if self.train_student and torch.is_grad_enabled():
-            # encode_video runs under no_grad for inference; its undecorated body keeps the graph.
-            return type(self.student).encode_video.__wrapped__(self.student, frames)
-        return self.student.encode_video(frames)
+        if self.train_student:
+            return self.student.encode_video(frames)
+        with torch.no_grad():   # frozen: no graph through the student
+            return self.student.encode_video(frames)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Student tokens → LLM input embeddings (in the projector's dtype, out in the LLM's)."""

@@ -258,7 +258,6 @@ class LiteFrameModel(PreTrainedModel):
             tokens = tokens + torch.tensor(self.config.target_mean, device=tokens.device)
         return tokens
 
-    @torch.no_grad()
     def encode_video(
         self,
         frames: np.ndarray | torch.Tensor,
@@ -273,6 +272,7 @@ class LiteFrameModel(PreTrainedModel):
         and gives the same result, each chunk computed with `temporal_halo()` frames of context.
         Without `span_clips` each clip is encoded alone, exactly as in training.
         `encoder` replaces `self.encode` (the optimised path in `student.fast` passes its own).
+        Like `forward`, it follows the caller's grad mode: wrap inference in `torch.inference_mode()`.
         """
         frames = torch.as_tensor(frames)
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
