@@ -145,13 +145,13 @@ class Teacher(nn.Module):
                 log.warning("teacher layer %d differs from the layer the projector was trained on (%s)",
                             layer, getattr(config, "vision_feature_layer", -1))
         if composite:
-            checkpoint = _Checkpoint(name_or_path, revision)
+            checkpoint = SafetensorsCheckpoint(name_or_path, revision)
             checkpoint.load_into(backbone, hint="vision")
             if projector is not None:
                 checkpoint.load_into(projector, hint="multi_modal_projector")
 
         patch_size = _first(vision_config.patch_size)
-        pre_dir = _local_file(name_or_path, PREPROCESSOR_CONFIG, revision)
+        pre_dir = checkpoint_file(name_or_path, PREPROCESSOR_CONFIG, revision)
         patch_inputs = vision_config.model_type in NAFLEX_FAMILIES
         if patch_inputs:
             # A square frame filling the processor's patch budget (the model's num_patches by default).
@@ -363,7 +363,7 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in inspect.signature(model.forward).parameters
 
 
-def _local_file(name_or_path: str, filename: str, revision: str | None) -> Path | None:
+def checkpoint_file(name_or_path: str, filename: str, revision: str | None) -> Path | None:
     """A model file as a local path: from the dir, or from the hub cache (downloading it); None if absent."""
     local = Path(name_or_path)
     if local.is_dir():
@@ -388,16 +388,16 @@ def _snapshot_revision(path: Path | None) -> str | None:
     return match.group(1) if match else None
 
 
-class _Checkpoint:
+class SafetensorsCheckpoint:
     """Tensor-level access to a (possibly sharded) safetensors checkpoint, reading only what is asked."""
 
     def __init__(self, name_or_path: str, revision: str | None):
         self.name_or_path, self.revision = name_or_path, revision
-        index = _local_file(name_or_path, SAFETENSORS_INDEX, revision)
+        index = checkpoint_file(name_or_path, SAFETENSORS_INDEX, revision)
         if index is not None:
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         else:
-            single = _local_file(name_or_path, SAFETENSORS, revision)
+            single = checkpoint_file(name_or_path, SAFETENSORS, revision)
             if single is None:
                 raise TeacherError(f"{name_or_path}: no {SAFETENSORS} or {SAFETENSORS_INDEX}; loading part of a "
                                    f"VLM needs safetensors weights")
@@ -433,7 +433,7 @@ class _Checkpoint:
             by_file.setdefault(self.weight_map[prefix + k], []).append(k)
         state: dict[str, torch.Tensor] = {}
         for filename, keys in by_file.items():
-            path = _local_file(self.name_or_path, filename, self.revision)
+            path = checkpoint_file(self.name_or_path, filename, self.revision)
             with safe_open(str(path), framework="pt") as f:
                 for k in keys:
                     state[k] = f.get_tensor(prefix + k)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.preprocess import Preprocessing
-from pipeline.teacher import SAFETENSORS, _Checkpoint, _local_file
+from pipeline.teacher import SafetensorsCheckpoint, checkpoint_file
 
 from .modeling import LiteFrameModel
 
@@ -80,7 +80,7 @@ class _TeacherWeights:
     def __init__(self, path: str | Path):
         self.path = str(path)
         try:
-            self.checkpoint = _Checkpoint(self.path, None)
+            self.checkpoint = SafetensorsCheckpoint(self.path, None)
         except ValueError as e:
             raise TeacherLayoutError(str(e)) from None
         keys = self.checkpoint.weight_map
@@ -119,7 +119,7 @@ class _TeacherWeights:
 
         filename = self.checkpoint.weight_map[self.prefix + key]
         if filename not in self._files:
-            self._files[filename] = safe_open(str(_local_file(self.path, filename, None)), framework="pt")
+            self._files[filename] = safe_open(str(checkpoint_file(self.path, filename, None)), framework="pt")
         return self._files[filename].get_tensor(self.prefix + key).float()
 
     def vision_config(self) -> dict:
