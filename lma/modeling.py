@@ -82,7 +82,6 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def _load_student(path: str | Path, dtype: torch.dtype, device):
-    import student  # noqa: F401  (registers the "liteframe" model type)
     from student import LiteFrameModel
 
     return LiteFrameModel.from_pretrained(str(path), dtype=dtype).to(device)

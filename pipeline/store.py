@@ -568,7 +568,7 @@ class ShardWriter:
         name = "shard-" + _digest(r["clip_id"] for r in self.rows)
         for r in self.rows:
             r["shard"] = name
-        fs, root = self.store.fs, self.store.path
+        root = self.store.path
         published = {}
         if self._tar is not None:
             self._tar.close()

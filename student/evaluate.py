@@ -25,7 +25,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, to_pi
     model.eval()
     mean, std = target_mean.to(device), target_std.to(device)
     clips = tokens = 0
-    cos = trivial_cos = sse = trivial_sse = mse = 0.0
+    cos = trivial_cos = sse = trivial_sse = 0.0
     s1 = s2 = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
