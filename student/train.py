@@ -100,9 +100,11 @@ def setup_distributed() -> Dist:
     return Dist(0, 1, device)
 
 
-# Settings that decide which clip lands in which step: exact resume needs them unchanged.
-# (The store itself is compared by identity, not path, so a moved or copied store still resumes.)
+# Settings that decide which clip lands in which step, and the schedule each step's update follows:
+# exact resume needs them unchanged. (The store is compared by identity, not path, so a moved or
+# copied store still resumes.)
 ORDER_FIELDS = ("format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction", "num_workers")
+SCHEDULE_FIELDS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
 
 
 def store_identity(info: StoreInfo) -> dict[str, Any]:
@@ -131,14 +133,14 @@ def check_config(cfg: TrainConfig) -> None:
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo, world_size: int) -> None:
     """A resume that would silently see other samples than the stopped run is an error."""
     saved, now = state["config"], to_dict(cfg)
-    fields = [f for f in ORDER_FIELDS if f != "num_workers" or cfg.format == "webdataset"]
+    fields = [f for f in ORDER_FIELDS if f != "num_workers" or cfg.format == "webdataset"] + list(SCHEDULE_FIELDS)
     changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in fields if saved.get(f) != now[f]]
     if world_size != state["world_size"]:
         changed.append(f"world size: {state['world_size']} -> {world_size}")
     if state["store"] != store_identity(info):
         changed.append(f"store: {saved['data']} -> {cfg.data} holds other clips")
     if changed:
-        raise ValueError("cannot resume exactly, the sample order would change (" + "; ".join(changed) +
+        raise ValueError("cannot resume exactly, the samples or the schedule would change (" + "; ".join(changed) +
                          "): restore these settings or train into a new --output")
 
 
@@ -348,57 +350,60 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         _barrier(env)
         return result
 
-    while step < stop_at:
-        batches = iter(data.epoch(epoch, batch_in_epoch))
-        timer.reset()
-        for batch in batches:
-            timer.batch_ready()
-            loss, grad_norm = trainer.step(batch)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
-            step += 1
-            batch_in_epoch += 1
-            timer.step_done(len(batch["clip_id"]))
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "epoch": epoch, "clip_id": batch["clip_id"]}) + "\n")
-            if step % cfg.log_every == 0 or step == stop_at:
-                speed = timer.summary()
-                last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
-                                "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
-                                "clips_per_s": speed["clips_per_s"] * env.world_size,
-                                "data_wait_frac": speed["data_wait_frac"]}
-                log.log(step, last_metrics)
-                if on_log is not None:
-                    on_log(step, last_metrics)
-                timer.reset()
-            if batch_in_epoch == per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            if preemption.requested(env):
-                stop_at = step
-                if env.main:
-                    print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
-                rng = _rng_states(env)
-                if env.main:
-                    checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
-                        "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
-                                                 "clips": batch_in_epoch * cfg.batch_size},
-                        "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
-                        "world_size": env.world_size, "store": store_identity(info)}, rng, cfg.keep_checkpoints)
-                _barrier(env)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                run_eval()
-            if step >= stop_at:
-                break
-            timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
-    if trace is not None:
-        trace.close()
-    preemption.close()
+    try:
+        while step < stop_at:
+            batches = iter(data.epoch(epoch, batch_in_epoch))
+            timer.reset()
+            for batch in batches:
+                timer.batch_ready()
+                loss, grad_norm = trainer.step(batch)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
+                step += 1
+                batch_in_epoch += 1
+                timer.step_done(len(batch["clip_id"]))
+                if trace is not None:
+                    trace.write(json.dumps({"step": step, "epoch": epoch, "clip_id": batch["clip_id"]}) + "\n")
+                if step % cfg.log_every == 0 or step == stop_at:
+                    speed = timer.summary()
+                    last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
+                                    "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
+                                    "clips_per_s": speed["clips_per_s"] * env.world_size,
+                                    "data_wait_frac": speed["data_wait_frac"]}
+                    log.log(step, last_metrics)
+                    if on_log is not None:
+                        on_log(step, last_metrics)
+                    timer.reset()
+                if batch_in_epoch == per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                if preemption.requested(env):
+                    stop_at = step
+                    if env.main:
+                        print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
+                    rng = _rng_states(env)
+                    if env.main:
+                        checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
+                            "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
+                                                     "clips": batch_in_epoch * cfg.batch_size},
+                            "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
+                            "world_size": env.world_size, "store": store_identity(info)}, rng, cfg.keep_checkpoints)
+                    _barrier(env)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    run_eval()
+                if step >= stop_at:
+                    break
+                timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
+    finally:
+        if trace is not None:
+            trace.close()
+        preemption.close()
 
     if step >= cfg.max_steps:
+        if env.main:   # the model first: a failing evaluation must not cost the trained weights
+            trainer.module.save_pretrained(out)
         eval_result = run_eval()
         if env.main:
-            trainer.module.save_pretrained(out)
             (out / "eval.json").write_text(json.dumps(eval_result, indent=1))
     _barrier(env)
     log.close()

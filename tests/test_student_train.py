@@ -176,7 +176,7 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(store_root, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "student.train", "--data", store_root, "--output", str(out), "--preset", "tiny",
            "--batch-size", "4", "--num-workers", "1", "--shuffle-buffer", "6", "--log-every", "1",
-           "--max-steps", "500", "--checkpoint-every", "0"]
+           "--lr", "2e-3", "--warmup-steps", "3", "--max-steps", "500", "--checkpoint-every", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -196,6 +196,13 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(store_root, tmp_path):
     result = train(_cfg(store_root, out, "--max-steps", "500", "--resume", "--stop-after", "2",
                         "--checkpoint-every", "0", "--num-workers", "1"))
     assert result["step"] == stopped + 2
+
+
+def test_resume_refuses_a_changed_schedule(store_root, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(store_root, out, "--max-steps", "8", "--stop-after", "4"))
+    with pytest.raises(ValueError, match="max_steps: 8 -> 16"):
+        train(_cfg(store_root, out, "--max-steps", "16", "--resume"))
 
 
 def test_evaluation_on_a_second_store(store_root, tmp_path):
