@@ -79,6 +79,10 @@ class FinetuneConfig:
     merge: bool = field(default=False, metadata={"help": "merge the LoRA adapter into the saved LLM"})
 
 
+class FinetuneError(ValueError):
+    """A run that cannot start or continue as asked (a changed config on --resume, no usable record)."""
+
+
 class SkipLog:
     """`skipped.jsonl`: one row per unusable record (line, video, stage, error_type, message),
     each line once, also across resumes."""
@@ -188,7 +192,7 @@ def resume(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tupl
     now = to_dict(cfg)
     changed = [k for k in _RUN_DEFINING if state["config"].get(k) != now.get(k)]
     if changed:
-        raise SystemExit(f"--resume: {', '.join(changed)} differ from checkpoint {path}; "
+        raise FinetuneError(f"--resume: {', '.join(changed)} differ from checkpoint {path}; "
                          "use a new --output for a different run")
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["torch"])
@@ -225,7 +229,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     for err in errors:
         skipped.add(err.line, err.video, "parse", type(err).__name__, err.message)
     if not records:
-        raise SystemExit(f"{cfg.data}: no usable record ({len(errors)} skipped, see {skipped.path})")
+        raise FinetuneError(f"{cfg.data}: no usable record ({len(errors)} skipped, see {skipped.path})")
     log.info("%d records, %d malformed lines skipped", len(records), len(errors))
 
     model = VideoLLM.build(cfg.student, cfg.llm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -295,7 +299,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    finetune(parse_config(FinetuneConfig, argv))
+    try:
+        finetune(parse_config(FinetuneConfig, argv))
+    except FinetuneError as e:   # a run that cannot start: a clear message, not a traceback
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

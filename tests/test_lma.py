@@ -266,7 +266,7 @@ def test_resume_continues_exactly(tmp_path, trained, student_dir, llm_dir, data_
     a = load_file(trained / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
     b = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit, match="lr"):
+    with pytest.raises(ValueError, match="lr"):
         finetune(_config(student_dir, llm_dir, data_file, run, "--resume", "--lr", "1e-3"))
 
 
