@@ -95,21 +95,31 @@ def spool(uri: str, timeout: float = 600.0) -> str:
     return str(target)
 
 
+IN_USE_S = 900.0      # a cached video touched this recently may still be read by a decode: never evicted
+STALE_PART_S = 3600.0  # a partial download this old belongs to a killed process
+
+
 def _evict(root: Path, keep_free: int) -> None:
-    """Remove least-recently-used cached videos until `keep_free` more bytes fit under the cap."""
+    """Remove least-recently-used cached videos until `keep_free` more bytes fit under the cap.
+
+    Videos used in the last IN_USE_S seconds stay even if the cap is exceeded for a while: a decode
+    reopens its file for each ffmpeg run, and deleting it under a running job would fail that video."""
+    now = time.time()
     with _lock:
         files = []
         for p in root.iterdir():
-            if p.name.startswith(".part-"):
-                continue
             try:
                 st = p.stat()
             except FileNotFoundError:  # evicted by another process meanwhile
                 continue
+            if p.name.startswith(".part-"):
+                if now - st.st_mtime > STALE_PART_S:
+                    p.unlink(missing_ok=True)
+                continue
             files.append((st.st_mtime, st.st_size, p))
         total = sum(s for _, s, _ in files)
-        for _, s, p in sorted(files):
-            if total + keep_free <= cache_bytes():
+        for mtime, s, p in sorted(files):
+            if total + keep_free <= cache_bytes() or now - mtime < IN_USE_S:
                 break
             p.unlink(missing_ok=True)
             total -= s

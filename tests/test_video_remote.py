@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -21,6 +24,7 @@ def bucket(s3_endpoint, tmp_path_factory):
     for name, seconds in (("a.mp4", 2.0), ("b.mp4", 3.0)):
         make_video(root / name, seconds=seconds, fps=10, size=(128, 96))
         fs.put(str(root / name), f"videos/clips/{name}")
+    fs.put(str(root / "b.mp4"), "videos/clips/c.mp4")
     return root
 
 
@@ -45,13 +49,25 @@ def test_s3_decode_equals_local(env, tmp_path):
     assert [p.stat().st_ino for p in (tmp_path / "cache").iterdir()] == [before]
 
 
-def test_cache_is_size_capped(env, tmp_path, monkeypatch):
+def test_cache_is_size_capped_but_keeps_videos_in_use(env, tmp_path, monkeypatch):
+    from pipeline import remote
+
     a, b = (env / "a.mp4").stat().st_size, (env / "b.mp4").stat().st_size
     monkeypatch.setenv("LITEFRAME_VIDEO_CACHE_BYTES", str(max(a, b) + min(a, b) // 2))
+    cache = tmp_path / "cache"
     probe("s3://videos/clips/a.mp4")
-    probe("s3://videos/clips/b.mp4")
-    left = list((tmp_path / "cache").iterdir())
-    assert len(left) == 1 and left[0].stat().st_size == b
+    probe("s3://videos/clips/c.mp4")   # b's bytes under another key: over the cap, but a was just used
+    assert sorted(p.stat().st_size for p in cache.iterdir()) == sorted([a, b])
+
+    old = time.time() - remote.IN_USE_S - 1
+    for p in cache.iterdir():          # a is no longer in use; a killed download left a stale part
+        os.utime(p, (old, old))
+    stale = cache / ".part-stale"
+    stale.write_bytes(b"x")
+    os.utime(stale, (old - remote.STALE_PART_S, old - remote.STALE_PART_S))
+    probe("s3://videos/clips/b.mp4")   # must evict: the least recently used go first
+    left = sorted(p.stat().st_size for p in cache.iterdir())
+    assert left == [b] and not stale.exists()
 
 
 def test_missing_remote_object(env):
