@@ -59,7 +59,8 @@ def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> lis
     nothing; if no view yields a clip, TooShortError (recorded by jobs, not a file error)."""
     T = int(spec.frames)
     lo, hi = (float(x) for x in spec.fps_range)
-    if T < 1 or spec.views < 1 or not 0 < lo <= hi:
+    if T < 1 or spec.views < 1 or not 0 < lo <= hi or (spec.max_clips_per_view is not None
+                                                        and spec.max_clips_per_view < 1):
         raise ValueError(f"bad clip spec {spec}")
     last = _last_time(info)
     plans: list[ClipPlan] = []
@@ -81,9 +82,9 @@ def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> lis
             continue
         indices = np.arange(count)
         if spec.max_clips_per_view is not None and count > spec.max_clips_per_view:
-            k = max(0, int(spec.max_clips_per_view))
+            k = int(spec.max_clips_per_view)
             # Evenly spread over the video, with a seeded phase so different seeds pick different clips.
-            indices = np.unique(np.floor((np.arange(k) + u_cap) * count / k).astype(int)) if k else indices[:0]
+            indices = np.unique(np.floor((np.arange(k) + u_cap) * count / k).astype(int))
         for i in indices:
             start = offset + i * period
             times = np.minimum(start + np.arange(T) / fps, last)
