@@ -105,9 +105,7 @@ def decode_target(array: np.ndarray, dtype: str) -> np.ndarray:
 
 def encode_frame(frame: np.ndarray, encoding: str, quality: int = 90) -> bytes:
     if encoding == "npy":
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(frame, dtype=np.uint8), allow_pickle=False)
-        return buf.getvalue()
+        return _npy_bytes(np.asarray(frame, dtype=np.uint8))
     from PIL import Image
 
     buf = io.BytesIO()
@@ -266,7 +264,6 @@ class Progress:
     clips: dict[str, set[str]]          # video_uri -> committed clip ids
     complete: set[str]                  # video uris with every planned clip committed
     failed: set[str]                    # video uris with a committed error row (not retried)
-    shards: int = 0
 
     def done(self, uri: str) -> bool:
         return uri in self.complete or uri in self.failed
@@ -437,9 +434,7 @@ def progress_of(commits: Iterable[Mapping]) -> Progress:
     clips: dict[str, set[str]] = {}
     planned: dict[str, int] = {}
     good_before_error: dict[str, set[str]] = {}
-    shards = 0
     for c in commits:
-        shards += bool(c["clips"])
         for e in c["errors"]:
             good_before_error[e["video_uri"]] = set(e.get("good_clips", ()))
         for r in c["clips"]:
@@ -448,7 +443,7 @@ def progress_of(commits: Iterable[Mapping]) -> Progress:
     complete = {u for u, ids in clips.items() if len(ids) >= planned[u]}
     # a failed video is done once the clips it yielded before failing are committed as well
     failed = {u for u, good in good_before_error.items() if good <= clips.get(u, set())}
-    return Progress(clips, complete, failed, shards)
+    return Progress(clips, complete, failed)
 
 
 class ShardWriter:
