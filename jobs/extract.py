@@ -213,7 +213,8 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, u
             "target_dtype": cfg.target_dtype, "layer": cfg.layer, "head": cfg.head,
             "revision": cfg.teacher_revision, "image_size": cfg.teacher_image_size,
             "device": "cuda" if use_gpu else "cpu", "dtype": teacher_dtype,
-            "frames_per_forward": cfg.frames_per_forward, "compile": compile_teacher, "expect": store.schema["teacher"]})
+            "frames_per_forward": cfg.frames_per_forward, "compile": compile_teacher, "expect": store.schema["teacher"],
+            "store": store})
     ds = ds.map_batches(encode_frames, batch_size=batch, batch_format="numpy",
                         fn_kwargs={"encoding": cfg.frame_encoding, "quality": cfg.jpeg_quality})
     sink = _datasink(store, parse_bytes(cfg.shard_bytes), cfg.zarr_shard_clips)

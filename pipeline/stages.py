@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.errors import VideoError
+from pipeline.errors import DecodeTimeoutError, VideoError
 from pipeline.store import (TARGET_DTYPES, StoreError, StoreWriter, encode_frame, filesystem, frame_column,
                             roll_shards)
 
@@ -93,6 +93,8 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
         chunk = todo[i:i + options.chunk_clips]
         try:
             pairs, error = decode(chunk), None
+        except DecodeTimeoutError as e:       # a hanging input: one timeout per video, not one per clip
+            pairs, error = [], e
         except VideoError as e:
             pairs, error = [], e
             for plan in chunk:                 # salvage the clips before the first bad one
@@ -207,9 +209,11 @@ class TeacherStage:
     def __init__(self, teacher: str, *, compression: Any, target_dtype: str = "float16", layer: int = -1,
                  head: str = "none", revision: str | None = None, image_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, frames_per_forward: int = 256,
-                 compile: bool = False, expect: Mapping | None = None):
+                 compile: bool = False, expect: Mapping | None = None, store: StoreWriter | None = None):
         from pipeline.teacher import Teacher
 
+        if target_dtype not in TARGET_DTYPES:
+            raise StoreError(f"unknown target dtype {target_dtype!r} (known: {', '.join(TARGET_DTYPES)})")
         self.teacher = Teacher.from_pretrained(teacher, layer=layer, head=head, revision=revision, device=device,
                                                dtype=dtype, image_size=image_size, batch_size=frames_per_forward,
                                                compile=compile)
@@ -220,6 +224,7 @@ class TeacherStage:
             self._warm_up(frames_per_forward)
         self.compression = compression
         self.target_dtype = target_dtype
+        self.store = store
         self.actor = uuid.uuid4().hex[:12]
         self.busy = BusyClock()
         self.ready = time.time()
@@ -236,6 +241,17 @@ class TeacherStage:
                 if n >= 2:
                     self.teacher.encode(np.zeros((1, n, size, size, 3), dtype=np.uint8))
 
+    def _reject(self, batch: Mapping[str, np.ndarray], bad: np.ndarray) -> None:
+        """Clips whose targets overflow or are NaN become error rows of their own, never shard data:
+        one such clip must not fail its shard, nor its video's other clips."""
+        rows = [{"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError", "clip_id": cid,
+                 "video_clips": int(planned),
+                 "message": f"clip {cid}: the teacher's compressed tokens are not finite in {self.target_dtype}"}
+                for uri, cid, planned in zip(batch["video_uri"][bad], batch["clip_id"][bad], batch["video_clips"][bad])]
+        if self.store is None:
+            raise StoreError("; ".join(r["message"] for r in rows))
+        self.store.commit_errors(rows)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
@@ -245,13 +261,19 @@ class TeacherStage:
         try:
             with torch.inference_mode():
                 tokens = self.teacher.encode(batch["frames"])
-                target = stored_target(compress_tokens(tokens, self.compression), self.target_dtype)
+                target = compress_tokens(tokens, self.compression).to(getattr(torch, self.target_dtype))
+                finite = torch.isfinite(target).flatten(1).all(1).cpu().numpy()
+                target = stored_target(target, self.target_dtype)
         finally:
             busy = self.busy.stop()
+        if not finite.all():
+            self._reject(batch, ~finite)
+            batch = {k: v[finite] for k, v in batch.items()}
+            target = target[finite]
         n = len(target)
         batch["target"] = target
         batch["teacher_actor"] = np.array([self.actor] * n)
-        batch["teacher_busy"] = np.full(n, busy / n)
+        batch["teacher_busy"] = np.full(n, busy / max(n, 1))
         batch["teacher_ready"] = np.full(n, self.ready)
         batch["teacher_done"] = np.full(n, time.time())
         return batch

@@ -67,6 +67,7 @@ ERRORS_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("error_type", pa.string()),
     ("message", pa.string()),
+    ("clip_id", pa.string()),      # empty when the whole video failed
 ])
 INDEX_FIELDS = [f.name for f in INDEX_SCHEMA if f.name not in ("shard", "row", "checksum")]
 
@@ -261,7 +262,7 @@ def open_store(root: str, storage_options: Mapping | None = None) -> Store:
 class Progress:
     """What the commit records say is already done."""
 
-    clips: dict[str, set[str]]          # video_uri -> committed clip ids
+    clips: dict[str, set[str]]          # video_uri -> clip ids done: committed, or recorded as failed
     complete: set[str]                  # video uris with every planned clip committed
     failed: set[str]                    # video uris with a committed error row (not retried)
 
@@ -329,15 +330,18 @@ class StoreWriter:
         return ShardWriter(self, zarr_shard_clips=zarr_shard_clips)
 
     def commit_errors(self, rows: Sequence[Mapping]) -> None:
-        """Commit error rows of failed inputs (no data). Named from the uris: retries overwrite.
+        """Commit error rows (no data). Named from the uris and clip ids: retries overwrite.
 
-        `good_clips`: clip ids of the video that did decode before the failure. They travel
-        downstream separately, so the video counts as done only once they are committed too."""
+        A video-level row (no `clip_id`) fails its video; `good_clips` are the clip ids that did
+        decode before the failure: they travel downstream separately, so the video counts as done
+        only once they are committed too. A clip-level row (`clip_id`, `video_clips`) accounts
+        for that one clip, so the rest of its video completes as usual."""
         if not rows:
             return
-        rows = [{**{k: str(r[k]) for k in ERRORS_SCHEMA.names},
-                 "good_clips": sorted(str(c) for c in r.get("good_clips", ()))} for r in rows]
-        name = "err-" + _digest(r["video_uri"] for r in rows)
+        rows = [{**{k: str(r.get(k, "")) for k in ERRORS_SCHEMA.names},
+                 "good_clips": sorted(str(c) for c in r.get("good_clips", ())),
+                 **({"video_clips": int(r["video_clips"])} if r.get("clip_id") else {})} for r in rows]
+        name = "err-" + _digest(f"{r['video_uri']}\0{r['clip_id']}" for r in rows)
         self._write_commit({"shard": name, "clips": [], "errors": rows, "stats": None, "formats": []})
 
     def _write_commit(self, record: Mapping) -> None:
@@ -384,9 +388,10 @@ class StoreWriter:
                 total_sum += np.asarray(c["stats"]["sum"])
                 total_sumsq += np.asarray(c["stats"]["sumsq"])
                 count += int(c["stats"]["count"])
-        # one row per failed input; a partly corrupt video has both its good clips and an error row
-        errors = list({e["video_uri"]: {k: e[k] for k in ERRORS_SCHEMA.names} for e in errors}.values())
-        failed = {e["video_uri"] for e in errors}
+        # one row per failed input or clip; a partly corrupt video has both its good clips and an error row
+        errors = list({(e["video_uri"], e.get("clip_id", "")): {k: e.get(k, "") for k in ERRORS_SCHEMA.names}
+                       for e in errors}.values())
+        failed = {e["video_uri"] for e in errors if not e["clip_id"]}
         ok_uris = {r["video_uri"] for r in rows} - failed
         mean = total_sum / max(count, 1)
         std = np.sqrt(np.maximum(total_sumsq / max(count, 1) - mean ** 2, 0.0))
@@ -436,7 +441,11 @@ def progress_of(commits: Iterable[Mapping]) -> Progress:
     good_before_error: dict[str, set[str]] = {}
     for c in commits:
         for e in c["errors"]:
-            good_before_error[e["video_uri"]] = set(e.get("good_clips", ()))
+            if e.get("clip_id"):          # one clip failed: accounted for, its video goes on
+                clips.setdefault(e["video_uri"], set()).add(e["clip_id"])
+                planned[e["video_uri"]] = int(e["video_clips"])
+            else:
+                good_before_error[e["video_uri"]] = set(e.get("good_clips", ()))
         for r in c["clips"]:
             clips.setdefault(r["video_uri"], set()).add(r["clip_id"])
             planned[r["video_uri"]] = int(r["video_clips"])

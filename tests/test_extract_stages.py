@@ -180,3 +180,31 @@ def test_teacher_stage_leaves_grad_mode_alone(tmp_path):
     stage = TeacherStage(str(teacher), compression=Compression("avg", (2, 2, 2)))
     stage({"frames": np.zeros((1, 2, 56, 56, 3), dtype=np.uint8)})
     assert torch.is_grad_enabled()
+
+
+def test_non_finite_targets_become_clip_errors_not_shard_data(tmp_path):
+    """A clip whose teacher tokens overflow float16 leaves the batch as an error row of its own;
+    the rest of the batch goes on to the writer and the video still completes."""
+    from pipeline.compress import Compression
+    from pipeline.stages import TeacherStage
+    from pipeline.store import StoreWriter
+    from pipeline.testing import make_tiny_teacher
+    from tests.test_store import schema
+
+    teacher = make_tiny_teacher(tmp_path / "t", "siglip", image_size=56)
+    writer = StoreWriter(str(tmp_path / "store"), schema())
+    writer.prepare()
+    stage = TeacherStage(str(teacher), compression=Compression("avg", (2, 2, 2)), store=writer)
+    encode = stage.teacher.encode
+    scale = torch.tensor([1.0, 1e9, 1.0]).view(3, 1, 1, 1, 1)
+    stage.teacher.encode = lambda frames: encode(frames) * scale   # clip 1 far beyond float16's 65504
+    ids = np.array(["v-v0-c00000", "v-v0-c00001", "v-v0-c00002"])
+    batch = {"frames": np.zeros((3, 2, 56, 56, 3), dtype=np.uint8), "clip_id": ids,
+             "video_uri": np.array(["/v.mp4"] * 3), "video_clips": np.array([3, 3, 3])}
+    out = stage(batch)
+    assert out["clip_id"].tolist() == ["v-v0-c00000", "v-v0-c00002"] and len(out["target"]) == 2
+    assert np.isfinite(out["target"]).all()
+    errors = [e for c in writer.read_commits() for e in c["errors"]]
+    assert [(e["clip_id"], e["error_type"], e["stage"]) for e in errors] == [
+        ("v-v0-c00001", "NonFiniteTargetError", "teacher")]
+    assert writer.prepare().clips["/v.mp4"] == {"v-v0-c00001"}   # accounted for: never redone

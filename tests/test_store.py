@@ -71,7 +71,7 @@ def test_write_and_read_with_official_readers(tmp_path):
     assert store.index.num_rows == 15
     assert len(store.shards()) > 1, "shard_bytes should have rolled shards"
     assert sorted(store.index.column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
-    assert store.errors.to_pylist() == errors
+    assert store.errors.to_pylist() == [{**errors[0], "clip_id": ""}]   # a video-level error
     by_id = {c["clip_id"]: c for c in data}
 
     # webdataset: every clip exactly once, frames + target + json under one key
@@ -188,6 +188,30 @@ def test_partly_failed_video_is_done_only_once_its_good_clips_are_committed(tmp_
     schema_out = writer.finalise()
     assert schema_out["summary"]["partial_videos"] == 1 and schema_out["summary"]["videos"] == 0
     assert pq.read_table(tmp_path / "errors.parquet").column_names == st.ERRORS_SCHEMA.names
+
+
+def test_a_failed_clip_is_accounted_for_and_its_video_completes(tmp_path):
+    """A clip the teacher could not give finite targets is an error row of its own: the video's
+    other clips complete it, a rerun redoes nothing, and errors.parquet names the clip."""
+    writer = st.StoreWriter(str(tmp_path), schema())
+    writer.prepare()
+    data = list(clips(1, 3))
+    uri = data[0]["video_uri"]
+    for c in data[1:2]:   # two clip-level errors of one video are two rows, not one
+        writer.commit_errors([{"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError",
+                               "message": "m", "clip_id": c["clip_id"], "video_clips": 3}])
+    writer.commit_errors([{"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError",
+                           "message": "m", "clip_id": data[2]["clip_id"], "video_clips": 3}])
+    assert not writer.prepare().done(uri)
+    shard = writer.shard_writer()
+    shard.add(data[0])
+    shard.commit()
+    progress = writer.prepare()
+    assert uri in progress.complete and uri not in progress.failed
+    summary = writer.finalise()["summary"]
+    assert summary["videos"] == 1 and summary["failed_videos"] == 0 and summary["clips"] == 1
+    errors = pq.read_table(tmp_path / "errors.parquet").to_pylist()
+    assert sorted(e["clip_id"] for e in errors) == sorted(c["clip_id"] for c in data[1:])
 
 
 def test_finalise_drops_shards_committed_by_a_stale_job(tmp_path):
