@@ -5,6 +5,10 @@
 
 Methods, per video:
   a_null        `ffmpeg -i X -map 0:v:0 -f null -`: decode every frame, nothing else (the floor)
+  a_same        the ffmpeg CLI doing ours_full's work: every frame through the same orientation, crop
+                and resize filters to raw RGB24 (same decoder and filter threads), into /dev/null
+                (no select filter, no pipe, no Python): a_same / a_null is ffmpeg's own resize and
+                RGB cost, ours_full / a_same our overhead
   b_naive@2     decode every frame to full-size RGB through a pipe, keep the ones nearest the 2 fps
                 sample times in Python, resize those with Pillow (bicubic shorter side + centre crop)
   ours@F        pipeline.video.decode_frames at F fps (probe included, cold): select inside ffmpeg,
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import parse_config, to_dict  # noqa: E402
 from pipeline.ffmpeg import ffmpeg_exe  # noqa: E402
 from pipeline.samples import frame_index, make_video  # noqa: E402
-from pipeline.video import clear_probe_cache, decode_frames, probe  # noqa: E402
+from pipeline.video import chain_text, clear_probe_cache, decode_frames, geometry, probe  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 
@@ -90,6 +94,18 @@ def null_decode(path: str, threads: int) -> int:
            "-f", "null", "-"]
     subprocess.run(cmd, check=True, timeout=3600)
     return probe(path).num_frames
+
+
+def same_work(path: str, size: int, threads: int) -> int:
+    """(a'): every frame through decode_frames' filters, by the ffmpeg CLI alone."""
+    info = probe(path)
+    _, chain = geometry(info, size, "shorter_center_crop")
+    graph_threads = ["-filter_complex_threads", str(threads)] if threads > 0 else []
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", *graph_threads, "-noautorotate", "-threads", str(threads),
+           "-i", path, "-filter_complex", f"[0:{info.stream}]{chain_text(chain)}[out]", "-map", "[out]",
+           "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", os.devnull]
+    subprocess.run(cmd, check=True, timeout=3600)
+    return info.num_frames
 
 
 def naive_decode(path: str, times: np.ndarray, size: int, threads: int) -> np.ndarray:
@@ -172,6 +188,9 @@ def bench_video(label: str, path: str, cfg: DecodeBench, coded: bool) -> list[di
     with Meter() as m:
         n = null_decode(path, cfg.threads)
     row("a_null", n, m)
+    with Meter() as m:
+        n = same_work(path, cfg.size, cfg.threads)
+    row("a_same", n, m)
 
     def sample_times(f):
         return np.arange(0.0, info.last_time + 1e-9, 1.0 / f)
@@ -228,10 +247,12 @@ def ratios(rows: list[dict]) -> str:
             o, n = by["ours@2"], by["b_naive@2"]
             parts.append(f"ours@2 vs naive: {n['wall_s'] / o['wall_s']:.2f}x faster by wall, "
                          f"{n['cpu_s'] / max(o['cpu_s'], 1e-9):.2f}x by CPU")
-        if "ours_full" in by and "a_null" in by:
-            o, n = by["ours_full"], by["a_null"]
-            parts.append(f"ours_full / null decode: {o['wall_s'] / n['wall_s']:.2f}x wall, "
-                         f"{o['cpu_s'] / max(n['cpu_s'], 1e-9):.2f}x CPU")
+        for a, b, what in (("ours_full", "a_null", "ours_full / null decode"),
+                           ("a_same", "a_null", "ffmpeg's resize+RGB (a_same / a_null)"),
+                           ("ours_full", "a_same", "our overhead (ours_full / a_same)")):
+            if a in by and b in by:
+                parts.append(f"{what}: {by[a]['wall_s'] / by[b]['wall_s']:.2f}x wall, "
+                             f"{by[a]['cpu_s'] / max(by[b]['cpu_s'], 1e-9):.2f}x CPU")
         if parts:
             out.append(f"- {video}: " + "; ".join(parts))
     return "\n".join(out)

@@ -36,6 +36,14 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+@lru_cache(maxsize=None)
+def has_filter(name: str) -> bool:
+    """Whether this ffmpeg build has the filter (optional libraries such as zimg differ by build)."""
+    res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-h", f"filter={name}"], capture_output=True, text=True,
+                         timeout=30)
+    return res.returncode == 0 and f"Filter {name}" in res.stdout
+
+
 class FFmpeg:
     """One ffmpeg subprocess: stdout read in exact-size chunks, stderr kept (head and tail), a deadline.
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import remote
 from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, NotAVideoError
-from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, open_error
+from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, has_filter, open_error
 
 RESIZE_POLICIES = ("shorter_center_crop", "squash", "pad")
 SEEK_GAP_S = 10.0  # seek (a new ffmpeg run, ~40 ms) only past this much video that needs no packet
@@ -424,13 +424,32 @@ def _out_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _resize(w: int, h: int) -> list[tuple]:
+# Planar YUV layouts zimg resizes natively: (horizontal, vertical) chroma subsampling.
+_ZIMG_LAYOUTS = {f"yuv{j}{k}p{d}": sub for k, sub in (("420", (2, 2)), ("422", (2, 1)), ("444", (1, 1)))
+                 for j in ("", "j") for d in ("", "10le", "12le") if not (j and d)}
+
+
+def _resize(w: int, h: int, src_w: int, src_h: int, pix_fmt: str) -> list[tuple]:
     """Resize in the source's own pixel format, then convert to RGB at the output size: swscale's
-    plain YUV->RGB converter is SIMD, its combined scale+RGB path is not (about 2x the CPU)."""
+    plain YUV->RGB converter is SIMD, its combined scale+RGB path is not (about 2x the CPU).
+
+    The resize itself is zimg's bicubic (Catmull-Rom, the kernel of PIL's BICUBIC that vision
+    preprocessing uses) where zimg can take the frames: about 5x less CPU than swscale's bicubic at
+    1080p -> 448 px and as close to PIL's antialiased bicubic (bench/RESULTS.md). zimg refuses
+    sizes its chroma subsampling does not divide, and not every ffmpeg build has it: swscale then."""
+    sub = _ZIMG_LAYOUTS.get(pix_fmt)
+    if sub and (w % sub[0], src_w % sub[0], h % sub[1], src_h % sub[1]) == (0, 0, 0, 0) and has_filter("zscale"):
+        return [("zscale", {"w": w, "h": h, "filter": "bicubic"}), ("scale", {"flags": "bicubic"})]
     return [("scale", {"w": w, "h": h, "flags": "bicubic"}), ("scale", {"flags": "bicubic"})]
 
 
-def _geometry(info: VideoInfo, size, resize: str) -> tuple[tuple[int, int, int, int], list[tuple]]:
+def chain_text(chain: list[tuple]) -> str:
+    """A filter chain as ffmpeg's `-vf` text: to run the same pixels through a plain ffmpeg
+    (exactness tests, the benchmark's same-work baseline)."""
+    return ",".join(name + ("=" + ":".join(f"{k}={v}" for k, v in kw.items()) if kw else "") for name, kw in chain)
+
+
+def geometry(info: VideoInfo, size, resize: str) -> tuple[tuple[int, int, int, int], list[tuple]]:
     """The crop box (display pixels) and the filters after `select`: orient, crop, scale, pad."""
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
@@ -454,9 +473,9 @@ def _geometry(info: VideoInfo, size, resize: str) -> tuple[tuple[int, int, int, 
         box = (x0, y0, x0 + cw, y0 + ch)
         if (cw, ch) != (dw, dh):
             chain.append(("crop", {"w": cw, "h": ch, "x": x0, "y": y0, "exact": 1}))
-        chain += _resize(W, H)
+        chain += _resize(W, H, cw, ch, info.pix_fmt)
     elif resize == "squash":
-        chain += _resize(W, H)
+        chain += _resize(W, H, dw, dh, info.pix_fmt)
     else:  # pad: fit inside, black bars
         s = min(W / dw, H / dh)
         sw, sh = max(1, min(W, round(dw * s))), max(1, min(H, round(dh * s)))
@@ -588,8 +607,11 @@ def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, sl
         "select", _select_expr(table.times, run.frames, eps))
     for name, kw in chain:
         stream = stream.filter(name, **kw)
+    # ffmpeg gives the filter graph one slice thread per core whatever the decoder's threads: with
+    # one worker per core (threads=1) that oversubscribes the node, and slicing costs CPU too.
+    graph_threads = ["-filter_complex_threads", str(threads)] if threads > 0 else []
     cmd = stream.output("pipe:", f="rawvideo", pix_fmt="rgb24", fps_mode="passthrough").global_args(
-        "-xerror", "-loglevel", "error").compile(cmd="ffmpeg")[1:]
+        "-xerror", "-loglevel", "error", *graph_threads).compile(cmd="ffmpeg")[1:]
     graph_file = None
     i = cmd.index("-filter_complex")
     if len(cmd[i + 1]) > _GRAPH_ARG_MAX:
@@ -624,7 +646,8 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
     """The frames nearest `timestamps` (seconds from the first frame), resized, display-oriented.
 
     timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video.
-    threads: ffmpeg decoder threads, 0 = ffmpeg's choice (all cores).
+    threads: ffmpeg decoder and filter-graph threads, 0 = ffmpeg's choice (all cores); 1 when the
+    caller runs one decode per core.
     seek_gap: seconds of video needing no packet beyond which a new ffmpeg run seeks ahead.
     Raises a `VideoError` subclass for every bad input; the URI is in the message."""
     uri = str(uri)
@@ -638,7 +661,7 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
     budget = timeout if timeout is not None else 60.0 + 2.0 * max(info.duration, 0.0)
     deadline = started + budget
     H, W = _out_size(size)
-    box, chain = _geometry(info, size, resize)
+    box, chain = geometry(info, size, resize)
     if len(req) == 0:
         return Frames(np.zeros((0, H, W, 3), np.uint8), np.zeros(0), box)
     for attempt in ("packets", "decoder"):

@@ -7,9 +7,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.ffmpeg import ffmpeg_exe
+from pipeline.ffmpeg import ffmpeg_exe, has_filter
 from pipeline.samples import frame_index, frame_times, make_video
-from pipeline.video import decode_frames, probe, video_id
+from pipeline.video import _resize, chain_text, decode_frames, probe, video_id
 
 FPS = 10
 
@@ -124,6 +124,26 @@ def test_resize_policies_and_crop_box(coded):
         decode_frames(path, [1.0], size=32, resize="stretch")
 
 
+def test_resizer_choice_and_odd_sizes(coded):
+    """zimg resizes where its chroma subsampling divides every size; odd sizes fall back to
+    swscale. Both give the right frame, close to PIL's antialiased bicubic of the full frame."""
+    from PIL import Image
+
+    zimg = has_filter("zscale")
+    assert _resize(48, 48, 96, 96, "yuv420p")[0][0] == ("zscale" if zimg else "scale")
+    assert _resize(47, 48, 96, 96, "yuv420p")[0][0] == "scale"  # odd output width, 4:2:0
+    assert _resize(48, 48, 95, 96, "yuv420p")[0][0] == "scale"  # odd crop width
+    assert _resize(48, 47, 96, 96, "yuv422p")[0][0] == ("zscale" if zimg else "scale")  # 4:2:2: rows free
+    assert _resize(48, 48, 96, 96, "nv12")[0][0] == "scale"
+    path, _ = coded["cfr.mp4"]  # 128x96
+    full = decode_frames(path, [1.0], size=(96, 128), resize="squash").frames[0]
+    for size in ((48, 64), (47, 63)):
+        got = decode_frames(path, [1.0], size=size, resize="squash").frames[0]
+        assert got.shape == (*size, 3) and frame_index(got) == 10
+        pil = np.asarray(Image.fromarray(full).resize(size[::-1], Image.BICUBIC))
+        assert np.abs(got.astype(int) - pil).mean() < 3.0, size
+
+
 def test_first_video_stream_of_a_multi_stream_file(coded, tmp_path):
     path, times = coded["cfr.mp4"]
     other = make_video(tmp_path / "other.mp4", seconds=1.0, fps=25, size=(64, 64), index_coded=False)
@@ -197,7 +217,7 @@ def test_open_gop_sparse_decodes_are_pixel_identical(tmp_path, codec, params):
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=24:duration=4",
                     "-c:v", codec, "-pix_fmt", "yuv420p", *params, str(path)], check=True, timeout=120)
     full = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-vf",
-                           "scale=96:64:flags=bicubic,scale=flags=bicubic", "-fps_mode", "passthrough",
+                           chain_text(_resize(96, 64, 96, 64, "yuv420p")), "-fps_mode", "passthrough",
                            "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
     ref = np.frombuffer(full, np.uint8).reshape(-1, 64, 96, 3)
     info = probe(str(path))

@@ -129,6 +129,6 @@ def test_a_broken_decode_command_is_a_bug_not_a_bad_video(inputs, monkeypatch):
     corrupt video."""
     import pipeline.video as video
 
-    monkeypatch.setattr(video, "_resize", lambda w, h: [("scale", {"w": "no-such-size", "h": h})])
+    monkeypatch.setattr(video, "_resize", lambda w, h, *src: [("scale", {"w": "no-such-size", "h": h})])
     with pytest.raises(RuntimeError, match="rejected the decode graph"):
         decode_frames(str(inputs / "good.mp4"), [0.0], size=16)

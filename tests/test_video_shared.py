@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import CorruptVideoError
 from pipeline.ffmpeg import ffmpeg_exe
-from pipeline.video import decode_frames, probe
+from pipeline.video import _resize, chain_text, decode_frames, probe
 
 pytestmark = pytest.mark.shared_videos
 
@@ -30,10 +30,12 @@ EXPECTED = {
 }
 
 
-def reference_frames(path, stream, width, height) -> np.ndarray:
-    """Every frame as plain ffmpeg (autorotate on, no seeking, no select) delivers it."""
-    out = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-vf",
-                          f"scale={width}:{height}:flags=bicubic,scale=flags=bicubic", "-fps_mode", "passthrough", "-f", "rawvideo",
+def reference_frames(path, info, width, height) -> np.ndarray:
+    """Every frame as plain ffmpeg (autorotate on, no seeking, no select) delivers it, resized by
+    the same filters."""
+    resize = chain_text(_resize(width, height, info.width, info.height, info.pix_fmt))
+    out = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", f"0:{info.stream}", "-vf",
+                          resize, "-fps_mode", "passthrough", "-f", "rawvideo",
                           "-pix_fmt", "rgb24", "-"], capture_output=True, check=True, timeout=120).stdout
     return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
 
@@ -54,7 +56,7 @@ def test_shared_video_probes_and_decodes_every_frame(shared_videos, name):
     got = decode_frames(str(path), np.arange(n) / info.avg_fps, size=(sh, sw), resize="squash")
     assert got.frames.shape == (n, sh, sw, 3)
     assert np.all(np.diff(got.timestamps) > 0), "each request must map to a distinct frame"
-    ref = reference_frames(path, info.stream, sw, sh)
+    ref = reference_frames(path, info, sw, sh)
     assert len(ref) == n
     diff = np.abs(got.frames.astype(np.int16) - ref.astype(np.int16)).mean(axis=(1, 2, 3))
     assert diff.max() == 0, f"frame {int(diff.argmax())} differs from plain ffmpeg's ({diff.max():.2f})"
@@ -82,7 +84,7 @@ def test_corrupted_mp4_documented_behaviour(shared_videos):
     assert info.num_frames == 50 and (info.width, info.height) == (1280, 720)
     good = decode_frames(str(path), np.arange(29) / 10, size=(36, 64), resize="squash")
     np.testing.assert_allclose(good.timestamps, np.arange(29) / 10, atol=1e-6)
-    np.testing.assert_array_equal(good.frames, reference_frames(path, info.stream, 64, 36)[:29])
+    np.testing.assert_array_equal(good.frames, reference_frames(path, info, 64, 36)[:29])
     for req in ([2.9], [3.2], [4.5], [0.0, 4.5]):
         with pytest.raises(CorruptVideoError) as e:
             decode_frames(str(path), req, size=32)
@@ -102,7 +104,7 @@ def test_sparse_requests_are_pixel_identical_to_a_full_decode(shared_videos, nam
     info = probe(str(path))
     rng = np.random.default_rng(0)
     picks = np.unique(np.concatenate([np.arange(3, info.num_frames, 11), rng.integers(0, info.num_frames, 9)]))
-    ref = reference_frames(path, info.stream, 96, 54)
+    ref = reference_frames(path, info, 96, 54)
     for seek_gap in (0.0, 1e9):
         got = decode_frames(str(path), picks / info.avg_fps, size=(54, 96), resize="squash", seek_gap=seek_gap)
         bad = [int(p) for p, f in zip(picks, got.frames) if not np.array_equal(f, ref[p])]
