@@ -98,8 +98,11 @@ def teacher_batch_clips(cfg: ExtractConfig) -> int:
 def clip_spec(cfg: ExtractConfig):
     from pipeline.clips import ClipSpec
 
-    return ClipSpec(frames=cfg.clip_frames, views=cfg.views, fps_range=tuple(cfg.fps),
-                    max_clips_per_view=cfg.max_clips_per_view, pad_short=cfg.pad_short)
+    try:
+        return ClipSpec(frames=cfg.clip_frames, views=cfg.views, fps_range=tuple(cfg.fps),
+                        max_clips_per_view=cfg.max_clips_per_view, pad_short=cfg.pad_short)
+    except ValueError as e:
+        raise ConfigError(f"--clip-frames/--views/--fps/--max-clips-per-view: {e}") from None
 
 
 def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
@@ -236,6 +239,7 @@ def extract(cfg: ExtractConfig) -> dict:
             raise ConfigError(f"--teacher-device must be auto, cuda or cpu, got {cfg.teacher_device!r}")
         if cfg.teacher_concurrency < 1:
             raise ConfigError(f"--teacher-concurrency must be >= 1, got {cfg.teacher_concurrency}")
+        clip_spec(cfg)   # a bad clip spec fails here, not in every decode task
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = "bfloat16" if use_gpu else "float32"

@@ -27,6 +27,13 @@ class ClipSpec:
     max_clips_per_view: int | None = None
     pad_short: bool = True
 
+    def __post_init__(self) -> None:
+        lo, hi = self.fps_range
+        if self.frames < 1 or self.views < 1 or not 0 < lo <= hi or (
+                self.max_clips_per_view is not None and self.max_clips_per_view < 1):
+            raise ValueError(f"bad clip spec {self}: frames, views and max_clips_per_view must be >= 1, "
+                             "fps_range 0 < low <= high")
+
 
 @dataclass(frozen=True)
 class ClipPlan:
@@ -59,9 +66,6 @@ def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> lis
     nothing; if no view yields a clip, TooShortError (recorded by jobs, not a file error)."""
     T = int(spec.frames)
     lo, hi = (float(x) for x in spec.fps_range)
-    if T < 1 or spec.views < 1 or not 0 < lo <= hi or (spec.max_clips_per_view is not None
-                                                        and spec.max_clips_per_view < 1):
-        raise ValueError(f"bad clip spec {spec}")
     last = _last_time(info)
     plans: list[ClipPlan] = []
     for view in range(spec.views):

@@ -66,7 +66,7 @@ def test_cap_picks_a_spread_deterministic_subset():
     gap = len(full) / 10
     assert idx[0] < gap and idx[-1] >= len(full) - gap - 1 and np.all(np.diff(idx) >= gap - 1)
     with pytest.raises(ValueError, match="bad clip spec"):   # a cap of 0 is a config error, not "too short"
-        plan_clips("vid", vi, ClipSpec(frames=4, max_clips_per_view=0), seed=3)
+        ClipSpec(frames=4, max_clips_per_view=0)
 
 
 def test_short_video_padded_or_refused():

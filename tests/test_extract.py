@@ -202,6 +202,8 @@ def test_config_mismatch_is_a_clear_error(stores, teachers, videos, ray_driver, 
     assert "another config" in err and "compression" in err
     assert main(args(videos, root, teachers["siglip"], ray_driver.address)) == 2
     assert "teacher" in capsys.readouterr().err
+    assert main(args(videos, root, teachers["internvl"], ray_driver.address, "--max-clips-per-view", "0")) == 2
+    assert "--max-clips-per-view" in capsys.readouterr().err
     assert (root / "index.parquet").read_bytes() == index, "a refused job must leave the store untouched"
 
 
