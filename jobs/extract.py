@@ -261,7 +261,7 @@ def extract(cfg: ExtractConfig) -> dict:
         if initialised:
             ray.shutdown()
     totals = final["summary"]
-    busy = summary.busy_fraction()
+    busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
     return {
         "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": len(videos) - len(pending),
         "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
@@ -269,6 +269,7 @@ def extract(cfg: ExtractConfig) -> dict:
         "store_shards": totals["shards"], "clips_written": summary.clips, "shards_written": len(summary.shards),
         "bytes_written": summary.bytes, "pipeline_seconds": round(seconds, 2),
         "clips_per_second": round(summary.clips / seconds, 3) if summary.clips and seconds > 0 else 0.0,
+        "clips_per_second_teacher_ready": round(summary.clips / teacher_s, 3) if teacher_s else None,
         "teacher_actors_seen": len(summary.teacher),
         "teacher_busy_fraction": round(busy, 3) if busy is not None else None,
         "total_seconds": round(time.time() - started, 2),
@@ -276,7 +277,8 @@ def extract(cfg: ExtractConfig) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    return "\n".join(f"  {k:<22} {v}" for k, v in summary.items())
+    width = max(map(len, summary))
+    return "\n".join(f"  {k:<{width}} {v}" for k, v in summary.items())
 
 
 def main(argv: list[str] | None = None) -> int:

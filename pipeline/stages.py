@@ -315,6 +315,13 @@ class WriteSummary:
         wall = sum(done - ready for _, ready, done in self.teacher.values())
         return sum(b for b, _, _ in self.teacher.values()) / wall if wall > 0 else None
 
+    def teacher_seconds(self) -> float | None:
+        """From the first teacher actor being ready (weights loaded, compiled) to the last target:
+        the job's rate over this span is what a long run sustains, without the start-up."""
+        if not self.teacher:
+            return None
+        return max(d for _, _, d in self.teacher.values()) - min(r for _, r, _ in self.teacher.values())
+
 
 def batch_rows(batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
     keys = list(batch)
