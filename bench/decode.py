@@ -9,6 +9,8 @@ Methods, per video:
                 and resize filters to raw RGB24 (same decoder and filter threads), into /dev/null
                 (no select filter, no pipe, no Python): a_same / a_null is ffmpeg's own resize and
                 RGB cost, ours_full / a_same our overhead
+  a_same ft1    a_same with a one-thread filter graph (decoder threads unchanged): does slicing the
+                resize over every core pay at full rate, or only cost CPU?
   b_naive@2     decode every frame to full-size RGB through a pipe, keep the ones nearest the 2 fps
                 sample times in Python, resize those with Pillow (bicubic shorter side + centre crop)
   ours@F        pipeline.video.decode_frames at F fps (probe included, cold): select inside ffmpeg,
@@ -96,11 +98,13 @@ def null_decode(path: str, threads: int) -> int:
     return probe(path).num_frames
 
 
-def same_work(path: str, size: int, threads: int) -> int:
-    """(a'): every frame through decode_frames' filters, by the ffmpeg CLI alone."""
+def same_work(path: str, size: int, threads: int, graph_threads: int | None = None) -> int:
+    """(a'): every frame through decode_frames' filters, by the ffmpeg CLI alone; graph_threads
+    overrides the filter graph's threads (decode_frames: `threads` when > 0, else ffmpeg's choice)."""
     info = probe(path)
     _, chain = geometry(info, size, "shorter_center_crop")
-    graph_threads = ["-filter_complex_threads", str(threads)] if threads > 0 else []
+    graph_threads = graph_threads or (threads if threads > 0 else None)
+    graph_threads = ["-filter_complex_threads", str(graph_threads)] if graph_threads else []
     cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", *graph_threads, "-noautorotate", "-threads", str(threads),
            "-i", path, "-filter_complex", f"[0:{info.stream}]{chain_text(chain)}[out]", "-map", "[out]",
            "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", os.devnull]
@@ -191,6 +195,10 @@ def bench_video(label: str, path: str, cfg: DecodeBench, coded: bool) -> list[di
     with Meter() as m:
         n = same_work(path, cfg.size, cfg.threads)
     row("a_same", n, m)
+    if cfg.threads != 1:
+        with Meter() as m:
+            n = same_work(path, cfg.size, cfg.threads, graph_threads=1)
+        row("a_same ft1", n, m)
 
     def sample_times(f):
         return np.arange(0.0, info.last_time + 1e-9, 1.0 / f)

@@ -19,6 +19,6 @@ def test_decode_bench_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     methods = [r["method"] for r in rows]
-    assert methods == ["a_null", "a_same", "b_naive@2", "ours@2", "ours@4", "ours@2 x2", "ours_full"]
+    assert methods == ["a_null", "a_same", "a_same ft1", "b_naive@2", "ours@2", "ours@4", "ours@2 x2", "ours_full"]
     assert all(r["exact"] for r in rows if r["exact"] is not None) and all(r["frames"] > 0 for r in rows)
     assert "| 72p H.264 2s (generated) |" in res.stdout
