@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from pipeline.config import ConfigError, parse_config, to_dict
+from pipeline.config import ConfigError, log_to_stderr, parse_config, to_dict
 from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
                              list_videos, parse_bytes, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
@@ -282,7 +282,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to_stderr()
     from pipeline.teacher import TeacherError
 
     cfg = parse_config(ExtractConfig, argv)

@@ -13,7 +13,6 @@ The driver only validates the flags and waits; the task runs the same loop as
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 
 from jobs.extract import connect
 from lma.finetune import FinetuneConfig, finetune
-from pipeline.config import config_from_dict, parse_config, to_dict
+from pipeline.config import config_from_dict, log_to_stderr, parse_config, to_dict
 
 
 @dataclass
@@ -45,7 +44,7 @@ def task_config(cfg: RayFinetuneConfig) -> dict[str, Any]:
 
 
 def _run(config: dict[str, Any]) -> str:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to_stderr()
     return str(finetune(config_from_dict(FinetuneConfig, config)))
 
 

@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records
 from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM, resolve_device
-from pipeline.config import parse_config, to_dict
+from pipeline.config import log_to_stderr, parse_config, to_dict
 from pipeline.errors import VideoError
 from student import checkpoint
 from student.metrics import MetricsLog
@@ -298,7 +298,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to_stderr()
     try:
         finetune(parse_config(FinetuneConfig, argv))
     except FinetuneError as e:   # a run that cannot start: a clear message, not a traceback

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -105,38 +105,16 @@ def _plan(video_id: str, view: int, index: int, fps: float, times: np.ndarray, p
                     fps=round(fps, 6), start=ts[0], timestamps=ts, padded=padded)
 
 
-def iter_clips(uri: str, plans: Sequence[ClipPlan], size=448, resize: str = "shorter_center_crop",
-               timeout: float | None = None, info: VideoInfo | None = None, max_frames: int | None = None,
-               **decode_kw) -> Iterator[tuple[ClipPlan, Frames]]:
-    """Decode clips in batches of at most `max_frames` requested frames (bounded memory for long
-    videos); each batch is one decode of all its views together, so shared frames decode once."""
-    plans = sorted(plans, key=lambda p: (p.timestamps[0], p.view, p.index))
-    batch: list[ClipPlan] = []
-    n = 0
-    for plan in plans:
-        if batch and max_frames is not None and n + len(plan.timestamps) > max_frames:
-            yield from _decode_batch(uri, batch, size, resize, timeout, info, decode_kw)
-            batch, n = [], 0
-        batch.append(plan)
-        n += len(plan.timestamps)
-    if batch:
-        yield from _decode_batch(uri, batch, size, resize, timeout, info, decode_kw)
-
-
-def _decode_batch(uri, batch, size, resize, timeout, info, decode_kw):
-    times = [t for p in batch for t in p.timestamps]
-    frames = decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
-    pos = 0
-    for p in batch:
-        k = len(p.timestamps)
-        yield p, Frames(frames.frames[pos:pos + k], frames.timestamps[pos:pos + k], frames.crop_box)
-        pos += k
-
-
 def decode_clips(uri: str, plans: Sequence[ClipPlan], size=448, resize: str = "shorter_center_crop",
                  timeout: float | None = None, info: VideoInfo | None = None,
                  **decode_kw) -> list[tuple[ClipPlan, Frames]]:
-    """All clips of one video from a single decode (all views together), in plan order."""
-    order = {p.clip_id: i for i, p in enumerate(plans)}
-    out = list(iter_clips(uri, plans, size, resize, timeout, info, None, **decode_kw))
-    return sorted(out, key=lambda pf: order[pf[0].clip_id])
+    """All clips of one video from a single decode (all views together, so shared frames decode
+    once), in plan order. Callers bound memory by passing fewer plans at a time."""
+    times = [t for p in plans for t in p.timestamps]
+    frames = decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
+    out, pos = [], 0
+    for p in plans:
+        k = len(p.timestamps)
+        out.append((p, Frames(frames.frames[pos:pos + k], frames.timestamps[pos:pos + k], frames.crop_box)))
+        pos += k
+    return out

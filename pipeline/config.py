@@ -167,3 +167,10 @@ def config_hash(obj: Any) -> str:
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def log_to_stderr() -> None:
+    """The jobs' one log format (timestamps, so Ray job logs and local runs line up)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -98,16 +98,6 @@ class FFmpeg:
             self.timed_out = True
             self.proc.kill()
 
-    def read_exact(self, n: int) -> bytes | None:
-        """n bytes of stdout, or None at end of stream (a short final read means a cut stream)."""
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.proc.stdout.read(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
-
     def read_into(self, arr) -> bool:
         """Fill a (contiguous) numpy array from stdout without an extra copy; False at end of stream."""
         view = memoryview(arr).cast("B")

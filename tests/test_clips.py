@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.clips import ClipSpec, decode_clips, iter_clips, plan_clips
+from pipeline.clips import ClipSpec, decode_clips, plan_clips
 from pipeline.errors import TooShortError
 from pipeline.samples import frame_index, make_video
 from pipeline.video import VideoInfo, decode_frames, probe, video_id
@@ -100,11 +100,6 @@ def test_decode_clips_equals_decode_frames_per_clip(coded):
         np.testing.assert_array_equal(frames.timestamps, one.timestamps)
         want = [int(round(t * 10)) for t in plan.timestamps]
         assert [frame_index(f) for f in frames.frames] == want
-    batched = list(iter_clips(coded, plans, size=32, info=vi, max_frames=8))
-    assert sorted(p.clip_id for p, _ in batched) == sorted(p.clip_id for p in plans)
-    lookup = {p.clip_id: f for p, f in clips}
-    for p, f in batched:
-        np.testing.assert_array_equal(f.frames, lookup[p.clip_id].frames)
 
 
 def test_padded_clip_repeats_the_last_frame(tmp_path):
