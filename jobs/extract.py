@@ -17,12 +17,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from pipeline.config import ConfigError, log_to_stderr, parse_config, to_dict
 from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
                              list_videos, parse_bytes, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("jobs.extract")
 
@@ -188,7 +191,22 @@ def _datasink(store: StoreWriter, shard_bytes: int, zarr_shard_clips: int):
     return StoreDatasink()
 
 
-def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, use_gpu: bool,
+# Enough input blocks to spread decode over any cluster, few enough for the driver to track; past it a
+# decode task takes several videos in turn.
+MAX_INPUT_BLOCKS = 10_000
+
+
+def input_blocks(pending: "pa.Table") -> list["pa.Table"]:
+    """The pending videos as Ray Data blocks (one video each for small jobs). Each block is a table
+    of its own, not a slice: a pickled slice can carry its parent's whole buffers."""
+    import pyarrow as pa
+
+    n = pending.num_rows
+    rows = max(1, -(-n // MAX_INPUT_BLOCKS))
+    return [pa.Table.from_pylist(pending.slice(i, rows).to_pylist(), schema=pending.schema) for i in range(0, n, rows)]
+
+
+def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *, use_gpu: bool,
                  teacher_dtype: str) -> WriteSummary:
     import ray
     import ray.data
@@ -202,7 +220,7 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, items: list[dict], *, u
     actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
     batch = teacher_batch_clips(cfg)
     compile_teacher = use_gpu if cfg.teacher_compile is None else cfg.teacher_compile
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_arrow(input_blocks(pending))
     # The memory reservation bounds concurrent decodes to what RAM holds; being a resource the teacher
     # actors do not ask for, it also keeps Ray Data from fusing decode into them, so decode scales
     # on its own CPUs instead of stalling the GPU.
@@ -232,7 +250,7 @@ def extract(cfg: ExtractConfig) -> dict:
     started = time.time()
     videos = list_videos(cfg.input)
     if cfg.limit is not None:
-        videos = videos[: cfg.limit]
+        videos = videos.slice(0, cfg.limit)
     initialised = connect(cfg.ray_address)
     try:
         if cfg.teacher_device not in ("auto", "cuda", "cpu"):
@@ -246,15 +264,14 @@ def extract(cfg: ExtractConfig) -> dict:
         schema = store_schema(cfg, describe_teacher(cfg, teacher_dtype))
         schema["job"] = {"config": to_dict(cfg)}
         store = StoreWriter(cfg.output, schema)
-        progress = store.prepare()
-        pending = [u for u in videos if not progress.done(u)]
-        log.info("%d videos: %d already done, %d to extract", len(videos), len(videos) - len(pending), len(pending))
+        pending = store.prepare().pending(videos)
+        done = len(videos) - pending.num_rows
+        log.info("%d videos: %d already done, %d to extract", len(videos), done, pending.num_rows)
         summary = WriteSummary()
         t0 = time.time()
-        if pending:
+        if pending.num_rows:
             store.mark_incomplete()
-            items = [{"video_uri": u, "skip": sorted(progress.clips.get(u, ()))} for u in pending]
-            summary = run_pipeline(cfg, store, items, use_gpu=use_gpu, teacher_dtype=teacher_dtype)
+            summary = run_pipeline(cfg, store, pending, use_gpu=use_gpu, teacher_dtype=teacher_dtype)
         seconds = time.time() - t0
         final = store.finalise(written=summary.shards)
     finally:
@@ -263,7 +280,7 @@ def extract(cfg: ExtractConfig) -> dict:
     totals = final["summary"]
     busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
     return {
-        "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": len(videos) - len(pending),
+        "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": done,
         "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
         "videos_partial": totals["partial_videos"], "store_clips": totals["clips"],
         "store_shards": totals["shards"], "clips_written": summary.clips, "shards_written": len(summary.shards),

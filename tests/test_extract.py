@@ -14,7 +14,9 @@ import tarfile
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -103,7 +105,7 @@ def test_store_is_complete_and_readable(stores, videos, family):
 
     root, summary = stores[family]
     store = open_store(str(root))
-    index = store.index.to_pylist()
+    index = store.read_index().to_pylist()
     ids = [r["clip_id"] for r in index]
     assert len(ids) == len(set(ids)) > 0
     assert summary["store_clips"] == summary["clips_written"] == len(ids)
@@ -114,7 +116,7 @@ def test_store_is_complete_and_readable(stores, videos, family):
     uris = {r["video_uri"] for r in index}
     for name in ("a.mp4", "b.mp4", "sub/c.mp4"):
         assert str(videos / name) in uris
-    errors = {e["video_uri"]: e for e in store.errors.to_pylist()}
+    errors = {e["video_uri"]: e for e in store.read_errors().to_pylist()}
     assert set(errors) == expected_failures(videos)
     assert errors[str(videos / "bad.mp4")]["error_type"] == "NotAVideoError"
     assert all(e["message"] and e["stage"] for e in errors.values())
@@ -149,15 +151,25 @@ def test_store_is_complete_and_readable(stores, videos, family):
         stored = np.load(io.BytesIO(samples[r["clip_id"]]["target.npy"]), allow_pickle=False)
         np.testing.assert_array_equal(group["targets"][r["row"]], stored)
         assert group["frames"].shape[1:] == (T, SIZE, SIZE, 3)
+    # the README's readers: Zarr's root group, and the partitioned index through pyarrow and DuckDB
+    assert sorted(zarr.open_group(str(root / "zarr"), mode="r").group_keys()) == store.shards()
+    assert sorted(pads.dataset(str(root / "index")).to_table().column("clip_id").to_pylist()) == sorted(ids)
+    con = duckdb.connect()
+    assert con.execute(f"select count(*), count(distinct clip_id) from read_parquet('{root}/index/*.parquet')"
+                       ).fetchone() == (len(ids), len(ids))
+    assert con.execute(f"select sum(clips) from read_parquet('{root}/manifest.parquet')").fetchone()[0] == len(ids)
+    assert {r[0] for r in con.execute(f"select video_uri from read_parquet('{root}/errors/*.parquet')").fetchall()} \
+        == expected_failures(videos)
 
 
-def test_ray_data_reads_the_webdataset_shards(stores, ray_driver):
+def test_ray_data_reads_the_shards_and_the_index(stores, ray_driver):
     import ray.data
 
     store = open_store(str(stores["internvl"][0]))
     rows = ray.data.read_webdataset(store.shard_urls("webdataset")).take_all()
     keys = [r["__key__"] for r in rows]
-    assert sorted(keys) == sorted(store.index.column("clip_id").to_pylist())
+    ids = ray.data.read_parquet(f"{store.root}/index").select_columns(["clip_id"]).take_all()
+    assert sorted(keys) == sorted(r["clip_id"] for r in ids) == sorted(store.read_index().column("clip_id").to_pylist())
     for r in rows[:3]:
         assert np.asarray(r["target.npy"]).shape == (TOKENS, DIM)
         assert np.asarray(r["f03.jpg"]).shape == (SIZE, SIZE, 3)
@@ -172,7 +184,7 @@ def test_targets_match_the_teacher_run_in_process(stores, teachers):
 
     root, _ = stores["siglip"]
     store = open_store(str(root))
-    row = store.index.to_pylist()[0]
+    row = store.shard_index(store.shards()[0]).to_pylist()[0]
     group = zarr.open_group(str(root / "zarr" / row["shard"]), mode="r")
     teacher = TeacherStage(teachers["siglip"], compression=Compression("wap", (2, 2, 2)), device="cpu",
                            dtype="float32")
@@ -184,20 +196,22 @@ def test_targets_match_the_teacher_run_in_process(stores, teachers):
 
 def test_rerun_does_no_work_and_duplicates_nothing(stores, teachers, videos, ray_driver):
     root, first = stores["internvl"]
-    before = pq.read_table(root / "index.parquet").to_pylist()
+    before = {p.name: p.read_bytes() for p in (root / "index").iterdir()}
+    manifest = pq.read_table(root / "manifest.parquet")
     commits = sorted(os.listdir(root / "_commits"))
     summary = run_job(args(videos, root, teachers["internvl"], ray_driver.address))
     assert summary["clips_written"] == 0 and summary["shards_written"] == 0
     assert summary["videos_skipped_done"] == summary["videos_in_input"]
     assert sorted(os.listdir(root / "_commits")) == commits
-    assert pq.read_table(root / "index.parquet").to_pylist() == before
+    assert {p.name: p.read_bytes() for p in (root / "index").iterdir()} == before
+    assert pq.read_table(root / "manifest.parquet").equals(manifest)
 
 
 def test_config_mismatch_is_a_clear_error(stores, teachers, videos, ray_driver, capsys):
     from jobs.extract import main
 
     root, _ = stores["internvl"]
-    index = (root / "index.parquet").read_bytes()
+    manifest = (root / "manifest.parquet").read_bytes()
     assert main(args(videos, root, teachers["internvl"], ray_driver.address, "--compression", "avg")) == 2
     err = capsys.readouterr().err
     assert "another config" in err and "compression" in err
@@ -205,7 +219,7 @@ def test_config_mismatch_is_a_clear_error(stores, teachers, videos, ray_driver, 
     assert "teacher" in capsys.readouterr().err
     assert main(args(videos, root, teachers["internvl"], ray_driver.address, "--max-clips-per-view", "0")) == 2
     assert "--max-clips-per-view" in capsys.readouterr().err
-    assert (root / "index.parquet").read_bytes() == index, "a refused job must leave the store untouched"
+    assert (root / "manifest.parquet").read_bytes() == manifest, "a refused job must leave the store untouched"
 
 
 def wait_for_job_workers_to_stop(dashboard: str, driver_pid: int, timeout: float = 90.0) -> None:
@@ -242,19 +256,25 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
     finally:
         stop_group(proc, grace=5)
     wait_for_job_workers_to_stop(ray_driver.dashboard, proc.pid)
-    assert not (root / "index.parquet").exists()
-    committed = sum(len(json.loads(p.read_text())["clips"]) for p in (root / "_commits").glob("shard-*.json"))
+    assert not (root / "manifest.parquet").exists()
+    committed = sum(json.loads(p.read_text())["clips"] for p in (root / "_commits").glob("shard-*.json"))
 
     summary = run_job(argv)
     assert summary["clips_written"] == summary["store_clips"] - committed   # the rerun redid no committed clip
     store = open_store(str(root))
-    ids = store.index.column("clip_id").to_pylist()
+    index = store.read_index()
+    ids = index.column("clip_id").to_pylist()
     assert len(ids) == len(set(ids)), "a clip is twice in the index"
-    assert read_tar_samples(store).keys() == set(store.index.column("clip_id").to_pylist())
-    got = {r["clip_id"]: r for r in store.index.to_pylist()}
-    want = {r["clip_id"]: r for r in reference.index.to_pylist()}
+    assert read_tar_samples(store).keys() == set(ids)
+    got = {r["clip_id"]: r for r in index.to_pylist()}
+    want = {r["clip_id"]: r for r in reference.read_index().to_pylist()}
     assert got.keys() == want.keys()
-    assert {e["video_uri"] for e in store.errors.to_pylist()} == {e["video_uri"] for e in reference.errors.to_pylist()}
+    assert {e["video_uri"] for e in store.read_errors().to_pylist()} == \
+        {e["video_uri"] for e in reference.read_errors().to_pylist()}
+    shardless = [{k: v for k, v in s.schema["summary"].items() if k != "shards"} for s in (store, reference)]
+    assert shardless[0] == shardless[1]     # the killed run rolled shards of 1 byte
+    np.testing.assert_allclose(store.schema["target_stats"]["mean"], reference.schema["target_stats"]["mean"],
+                               rtol=1e-3, atol=1e-3)
     for cid in want:
         assert got[cid]["timestamps"] == want[cid]["timestamps"]
     # same targets (teacher batches differ in size, so allow float16 rounding differences)
@@ -267,7 +287,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
     # crash leftovers are gone: every data object on disk belongs to a committed shard
     shards = set(store.shards())
     assert {p.name.removesuffix(".tar") for p in (root / "webdataset").iterdir()} == shards
-    assert {p.name for p in (root / "zarr").iterdir()} == shards
+    assert {p.name for p in (root / "zarr").iterdir()} == shards | {"zarr.json"}
+    assert {p.name.removesuffix(".parquet") for p in (root / "index").iterdir()} == shards
     assert not (root / "_tmp").exists() or not any((root / "_tmp").iterdir())
 
 
@@ -291,8 +312,8 @@ def test_ray_job_submit(ray_cluster, teachers, videos, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "extraction complete" in result.stdout
     store = open_store(str(out))
-    assert {r["video_uri"] for r in store.index.to_pylist()} == {str(inputs / "a.mp4")}
-    assert [e["video_uri"] for e in store.errors.to_pylist()] == [str(inputs / "bad.mp4")]
+    assert set(store.read_index().column("video_uri").to_pylist()) == {str(inputs / "a.mp4")}
+    assert store.read_errors().column("video_uri").to_pylist() == [str(inputs / "bad.mp4")]
 
 
 def test_s3_round_trip(s3_env, ray_cluster, teachers, videos):
@@ -311,14 +332,15 @@ def test_s3_round_trip(s3_env, ray_cluster, teachers, videos):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     store = open_store("s3://bucket/store")
-    assert {r["video_uri"] for r in store.index.to_pylist()} == {"s3://bucket/videos/a.mp4"}
-    assert [e["video_uri"] for e in store.errors.to_pylist()] == ["s3://bucket/videos/bad.mp4"]
+    index = store.read_index()
+    assert set(index.column("video_uri").to_pylist()) == {"s3://bucket/videos/a.mp4"}
+    assert store.read_errors().column("video_uri").to_pylist() == ["s3://bucket/videos/bad.mp4"]
     keys = []
     for url in store.shard_urls("webdataset"):
         with store.fs.open(url, "rb") as f, tarfile.open(fileobj=f) as tar:
             keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".target.npy")]
-    assert sorted(keys) == sorted(store.index.column("clip_id").to_pylist())
-    row = store.index.to_pylist()[0]
+    assert sorted(keys) == sorted(index.column("clip_id").to_pylist())
+    row = index.to_pylist()[0]
     group = store.zarr_group(row["shard"])
     assert group["clip_id"][row["row"]] == row["clip_id"]
     assert np.isfinite(store.decode_target(group["targets"][row["row"]])).all()

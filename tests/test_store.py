@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -68,10 +69,10 @@ def test_write_and_read_with_official_readers(tmp_path):
     data = list(clips())
     errors = [{"video_uri": "/data/bad.mp4", "stage": "probe", "error_type": "NotAVideoError", "message": "x"}]
     store = st.write_store(root, schema(), data, errors, shard_bytes=40_000)
-    assert store.index.num_rows == 15
+    assert store.num_clips == 15
     assert len(store.shards()) > 1, "shard_bytes should have rolled shards"
-    assert sorted(store.index.column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
-    assert store.errors.to_pylist() == [{**errors[0], "clip_id": ""}]   # a video-level error
+    assert sorted(store.read_index().column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
+    assert store.read_errors().to_pylist() == [{**errors[0], "clip_id": "", "video_clips": 0, "good_clips": 0}]
     by_id = {c["clip_id"]: c for c in data}
 
     # webdataset: every clip exactly once, frames + target + json under one key
@@ -89,7 +90,7 @@ def test_write_and_read_with_official_readers(tmp_path):
     assert sorted(seen) == sorted(by_id)
 
     # zarr: the row of the index points at the clip in its shard group
-    for row in store.index.to_pylist():
+    for row in store.read_index().to_pylist():
         group = zarr.open_group(os.path.join(root, "zarr", row["shard"]), mode="r")
         assert group["clip_id"][row["row"]] == row["clip_id"]
         # zarr holds the decoded pixels of the stored JPEGs: both formats feed the same input
@@ -123,7 +124,7 @@ def test_bfloat16_zarr_only_lossless_frames(tmp_path):
 def test_open_incomplete_store_fails(tmp_path):
     writer = st.StoreWriter(str(tmp_path), schema())
     writer.prepare()
-    with pytest.raises(st.StoreError, match="not a complete store"):
+    with pytest.raises(st.StoreError, match="not a complete store.*manifest"):
         st.open_store(str(tmp_path))
 
 
@@ -136,27 +137,34 @@ def test_mismatch_is_a_clear_error(tmp_path):
 
 def test_commits_drive_resume_and_leftovers_are_removed(tmp_path):
     writer = st.StoreWriter(str(tmp_path), schema())
-    assert writer.prepare().clips == {}
+    assert len(writer.prepare().done_keys) == 0
     data = list(clips(2, 3))
     shard = writer.shard_writer()
     for c in data[:4]:              # video 0 complete, video 1 one clip of three
         shard.add(c)
     shard.commit()
     writer.commit_errors([{"video_uri": "/data/bad.mp4", "stage": "probe", "error_type": "E", "message": "m"}])
-    # a crashed writer: published data but no commit record, plus a staging folder
+    # a crashed writer: published data and index but no commit record, plus a staging folder
     crashed = writer.shard_writer()
     crashed.add(data[4])
     crashed._tar.close()
     crashed._tar = None
     os.makedirs(tmp_path / "webdataset", exist_ok=True)
     os.replace(os.path.join(crashed.dir, "shard.tar"), tmp_path / "webdataset" / "shard-orphan.tar")
+    (tmp_path / "index" / "shard-orphan.parquet").write_bytes(b"half")
+    (tmp_path / "index" / "shard-x.parquet.tmp-123").write_bytes(b"half")
 
     progress = st.StoreWriter(str(tmp_path), schema()).prepare()
-    assert progress.complete == {"/data/vid0.mp4"}
-    assert progress.failed == {"/data/bad.mp4"}
-    assert progress.clips["/data/vid1.mp4"] == {"vid1-v0-c00000"}
-    assert progress.done("/data/vid0.mp4") and not progress.done("/data/vid1.mp4")
+    assert progress.done("/data/vid0.mp4") and progress.done("/data/bad.mp4")
+    assert not progress.done("/data/vid1.mp4")
+    assert progress.partial == {"/data/vid1.mp4": {"vid1-v0-c00000"}}
+    pending = progress.pending(pa.array(["/data/vid0.mp4", "/data/vid1.mp4", "/data/new.mp4"]), chunk=2)
+    assert pending.to_pylist() == [{"video_uri": "/data/vid1.mp4", "skip": ["vid1-v0-c00000"]},
+                                   {"video_uri": "/data/new.mp4", "skip": []}]
+    assert (progress.complete_videos, progress.failed_videos) == (1, 1)
     assert not (tmp_path / "webdataset" / "shard-orphan.tar").exists()
+    assert sorted(os.listdir(tmp_path / "index")) == [f"{n}.parquet" for n in writer.commit_names()
+                                                       if n.startswith("shard-")]
     assert not (tmp_path / "_tmp").exists()
 
     # the same clips again make the same shard name: a retried writer overwrites, never duplicates
@@ -164,10 +172,9 @@ def test_commits_drive_resume_and_leftovers_are_removed(tmp_path):
     for c in data[:4]:
         again.add(c)
     again.commit()
-    assert len(writer.read_commits()) == 2
+    assert len(writer.commit_names()) == 1
     writer.finalise()
-    index = pq.read_table(tmp_path / "index.parquet")
-    assert index.num_rows == 4
+    assert st.open_store(str(tmp_path)).read_index().num_rows == 4
 
 
 def test_partly_failed_video_is_done_only_once_its_good_clips_are_committed(tmp_path):
@@ -184,33 +191,35 @@ def test_partly_failed_video_is_done_only_once_its_good_clips_are_committed(tmp_
         shard.add(c)
     shard.commit()
     progress = writer.prepare()
-    assert progress.done(uri) and uri not in progress.complete
+    assert progress.done(uri) and progress.complete_videos == 0 and progress.failed_videos == 1
     schema_out = writer.finalise()
     assert schema_out["summary"]["partial_videos"] == 1 and schema_out["summary"]["videos"] == 0
-    assert pq.read_table(tmp_path / "errors.parquet").column_names == st.ERRORS_SCHEMA.names
+    assert pq.read_table(tmp_path / "errors").column_names == st.ERRORS_SCHEMA.names
 
 
 def test_a_failed_clip_is_accounted_for_and_its_video_completes(tmp_path):
     """A clip the teacher could not give finite targets is an error row of its own: the video's
-    other clips complete it, a rerun redoes nothing, and errors.parquet names the clip."""
+    other clips complete it, a rerun redoes nothing, and the errors name the clip."""
     writer = st.StoreWriter(str(tmp_path), schema())
     writer.prepare()
     data = list(clips(1, 3))
     uri = data[0]["video_uri"]
-    for c in data[1:2]:   # two clip-level errors of one video are two rows, not one
-        writer.commit_errors([{"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError",
-                               "message": "m", "clip_id": c["clip_id"], "video_clips": 3}])
-    writer.commit_errors([{"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError",
-                           "message": "m", "clip_id": data[2]["clip_id"], "video_clips": 3}])
-    assert not writer.prepare().done(uri)
+    for c in data[1:]:   # two clip-level errors of one video are two rows, not one
+        row = {"video_uri": uri, "stage": "teacher", "error_type": "NonFiniteTargetError",
+               "message": "m", "clip_id": c["clip_id"], "video_clips": 3}
+        writer.commit_errors([row])
+        writer.commit_errors([row])    # a retried task: the same row, counted once
+    progress = writer.prepare()
+    assert not progress.done(uri)
+    assert progress.partial == {uri: {c["clip_id"] for c in data[1:]}}
     shard = writer.shard_writer()
     shard.add(data[0])
     shard.commit()
     progress = writer.prepare()
-    assert uri in progress.complete and uri not in progress.failed
+    assert progress.done(uri) and progress.complete_videos == 1 and progress.failed_videos == 0
     summary = writer.finalise()["summary"]
     assert summary["videos"] == 1 and summary["failed_videos"] == 0 and summary["clips"] == 1
-    errors = pq.read_table(tmp_path / "errors.parquet").to_pylist()
+    errors = st.open_store(str(tmp_path)).read_errors().to_pylist()
     assert sorted(e["clip_id"] for e in errors) == sorted(c["clip_id"] for c in data[1:])
 
 
@@ -223,12 +232,13 @@ def test_finalise_drops_shards_committed_by_a_stale_job(tmp_path):
     zombie = st.StoreWriter(str(tmp_path), schema()).shard_writer()
     for c in data[:2]:
         zombie.add(c)
-    stale = zombie.commit()["shard"]
+    stale = zombie.commit().shard
     mine = list(st.roll_shards(job, data, shard_bytes=1 << 30))
-    job.finalise(written=[r["shard"] for r in mine])
+    job.finalise(written=[r.shard for r in mine])
     store = st.open_store(str(tmp_path))
-    assert sorted(store.index.column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
+    assert sorted(store.read_index().column("clip_id").to_pylist()) == sorted(c["clip_id"] for c in data)
     assert not (tmp_path / "webdataset" / f"{stale}.tar").exists()
+    assert not (tmp_path / "index" / f"{stale}.parquet").exists()
     assert not (tmp_path / "_commits" / f"{stale}.json").exists()
 
 
