@@ -552,7 +552,7 @@ def part_ray(cfg: BenchConfig, work: Path) -> list:
     t0 = time.perf_counter()
     summary = extract(ray_cfg)
     ray_wall = time.perf_counter() - t0
-    ray_clips = open_store(ray_cfg.output).index.num_rows
+    ray_clips = open_store(ray_cfg.output).num_clips
 
     local_cfg = ExtractConfig(output=str(work / "local-store"), **common)
     t0 = time.perf_counter()
@@ -571,7 +571,7 @@ def part_ray(cfg: BenchConfig, work: Path) -> list:
     write_shards(store, batches(), shard_bytes=512 * 10 ** 6)
     store.finalise()
     local_wall = time.perf_counter() - t0
-    local_clips = open_store(local_cfg.output).index.num_rows
+    local_clips = open_store(local_cfg.output).num_clips
     row = {"part": "ray-vs-local", "clips": ray_clips, "ray_wall_s": ray_wall, "ray_clips_per_s": ray_clips / ray_wall,
            "ray_pipeline_clips_per_s": summary.get("clips_per_second"), "local_clips": local_clips,
            "local_wall_s": local_wall, "local_clips_per_s": local_clips / local_wall,

@@ -344,3 +344,27 @@ def test_s3_round_trip(s3_env, ray_cluster, teachers, videos):
     group = store.zarr_group(row["shard"])
     assert group["clip_id"][row["row"]] == row["clip_id"]
     assert np.isfinite(store.decode_target(group["targets"][row["row"]])).all()
+
+
+def test_append_more_videos_to_a_complete_store(teachers, videos, ray_driver, tmp_path):
+    """The same job with more inputs: only the new videos are extracted, the existing shards and
+    their index files stay byte for byte, and a Parquet input list works like a folder."""
+    import pyarrow as pa
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(videos / "a.mp4", inputs / "a.mp4")
+    out = tmp_path / "store"
+    first = run_job(args(inputs, out, teachers["siglip"], ray_driver.address))
+    before = {p: p.read_bytes() for d in ("index", "webdataset") for p in (out / d).iterdir()}
+    listing = tmp_path / "videos.parquet"
+    pq.write_table(pa.table({"video_uri": [str(inputs / "a.mp4"), str(videos / "b.mp4"), str(inputs / "a.mp4")]}),
+                   listing)
+    second = run_job(args(listing, out, teachers["siglip"], ray_driver.address))
+    assert second["videos_in_input"] == 2 and second["videos_skipped_done"] == 1
+    assert {p: p.read_bytes() for p in before} == before
+    store = open_store(str(out))
+    index = store.read_index()
+    new = [r for r in index.to_pylist() if r["video_uri"] == str(videos / "b.mp4")]
+    assert len(new) == second["clips_written"] > 0 and index.num_rows == first["store_clips"] + len(new)
+    assert store.schema["summary"]["videos"] == 2 and store.num_clips == index.num_rows

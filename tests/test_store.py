@@ -256,3 +256,99 @@ def test_shape_and_finiteness_are_checked(tmp_path):
     with pytest.raises(st.StoreError, match="non-finite"):
         shard.add({**clip, "target": bad})
     shard.abort()
+
+
+def test_append_adds_shards_and_rewrites_only_what_is_per_shard(tmp_path):
+    """A second job with more videos on a complete store: old shards, index files and statistics
+    are not touched (finalise adds the new shards' sums to the manifest's exact totals), and the
+    result equals a store written in one go."""
+    first, more = list(clips(2, 3)), list(clips(3, 3, seed=1))[6:]     # video 2 is new
+    st.write_store(str(tmp_path / "a"), schema(), first, shard_bytes=40_000)
+    old = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file() and "shard-" in p.name}
+    for p in (tmp_path / "a" / "_commits").glob("*.stats.npy"):
+        p.unlink()          # proves finalise does not read the old shards' statistics again
+
+    writer = st.StoreWriter(str(tmp_path / "a"), schema())
+    assert writer.prepare().pending(pa.array(sorted({c["video_uri"] for c in first + more}))).column(
+        "video_uri").to_pylist() == ["/data/vid2.mp4"]
+    writer.mark_incomplete()
+    with pytest.raises(st.StoreError, match="not a complete store"):
+        st.open_store(str(tmp_path / "a"))
+    written = [r.shard for r in st.roll_shards(writer, more, shard_bytes=40_000)]
+    writer.finalise(written=written)
+
+    appended = st.open_store(str(tmp_path / "a"))
+    whole = st.write_store(str(tmp_path / "b"), schema(), first + more, shard_bytes=40_000)
+    assert sorted(appended.read_index().column("clip_id").to_pylist()) == \
+        sorted(whole.read_index().column("clip_id").to_pylist())
+    assert {p: p.read_bytes() for p in old if p.exists()} == {p: v for p, v in old.items() if "stats" not in p.name}
+    assert appended.num_clips == whole.num_clips == 9 and len(appended.shards()) == len(set(appended.shards()))
+    for k in ("mean", "std"):
+        np.testing.assert_allclose(appended.schema["target_stats"][k], whole.schema["target_stats"][k], rtol=1e-9)
+    assert appended.schema["summary"]["videos"] == 3
+
+
+def test_a_version_1_store_is_a_clear_error(tmp_path):
+    (tmp_path / "store.json").write_text(json.dumps({**schema(), "schema_version": 1}))
+    (tmp_path / "index.parquet").write_bytes(b"")
+    with pytest.raises(st.StoreError, match="schema_version 1.*upgrade"):
+        st.open_store(str(tmp_path))
+    with pytest.raises(st.StoreError, match="schema_version 1"):
+        st.StoreWriter(str(tmp_path), schema()).prepare()
+
+
+def test_manifest_counts_held_out_clips_per_level(tmp_path):
+    data = list(clips(6, 2))
+    store = st.write_store(str(tmp_path), schema(), data, shard_bytes=40_000)
+    scores = {c["video_id"]: st.heldout_score(c["video_id"]) for c in data}
+    for level_i, level in enumerate(st.HELDOUT_LEVELS):
+        counted = sum(r["heldout_clips"][level_i] for r in store.manifest.to_pylist())
+        assert counted == sum(scores[c["video_id"]] <= level for c in data)
+    for row in store.manifest.to_pylist():
+        index = store.shard_index(row["shard"])
+        shard_scores = [scores[v] for v in index.column("video_id").to_pylist()]
+        assert row["first_video_score"] == min(shard_scores)
+        assert row["first_video_clips"] == shard_scores.count(min(shard_scores)) and row["clips"] == index.num_rows
+        assert index.column("row").to_pylist() == list(range(row["clips"]))
+
+
+def test_many_small_metadata_objects_on_s3(s3_env, tmp_path):
+    """A store of one-clip shards in moto's S3: commit records, index files, statistics and error
+    rows are read back with bounded parallelism, a resume after a lost manifest sees every video,
+    and the partitioned index opens with pyarrow straight from the bucket."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    fs.mkdir("many-objects")
+    root = "s3://many-objects/store"
+    data = list(clips(8, 5))
+    errors = [{"video_uri": f"/data/bad{i}.mp4", "stage": "probe", "error_type": "NotAVideoError", "message": "x"}
+              for i in range(6)]
+    local = st.write_store(str(tmp_path / "local"), schema(formats=["webdataset"]), data, errors, shard_bytes=1)
+    store = st.write_store(root, schema(formats=["webdataset"]), data, errors, shard_bytes=1)
+    assert len(store.shards()) == len(data) == 40
+    assert fs.ls("many-objects/store/index") and len(fs.ls("many-objects/store/_commits")) == 2 * 40
+    assert store.read_index().sort_by("clip_id").equals(local.read_index().sort_by("clip_id"))
+    assert store.read_errors().num_rows == 6 and store.schema["summary"] == local.schema["summary"]
+    np.testing.assert_allclose(store.schema["target_stats"]["mean"], local.schema["target_stats"]["mean"])
+
+    writer = st.StoreWriter(root, schema(formats=["webdataset"]), read_workers=4)
+    writer.mark_incomplete()             # as a new job does before adding shards
+    progress = writer.prepare()
+    uris = sorted({c["video_uri"] for c in data} | {e["video_uri"] for e in errors})
+    assert progress.pending(pa.array(uris + ["/data/new.mp4"])).column("video_uri").to_pylist() == ["/data/new.mp4"]
+    assert writer.finalise(written=[])["summary"] == store.schema["summary"]
+    assert st.open_store(root).manifest.equals(store.manifest)
+
+
+def test_read_many_keeps_order_and_skips_vanished_objects(tmp_path):
+    from pipeline.store.files import read_many
+
+    fs, _ = st.filesystem(str(tmp_path))
+    paths = [str(tmp_path / f"{i:04d}") for i in range(600)]       # more than one READ_BATCH
+    for i, p in enumerate(paths):
+        if i % 7:
+            (tmp_path / f"{i:04d}").write_bytes(str(i).encode())
+    got = list(read_many(fs, paths, workers=8))
+    assert [p for p, _ in got] == [p for i, p in enumerate(paths) if i % 7]
+    assert all(data == p.rsplit("/", 1)[-1].lstrip("0").encode() for p, data in got)
