@@ -352,3 +352,58 @@ def test_read_many_keeps_order_and_skips_vanished_objects(tmp_path):
     got = list(read_many(fs, paths, workers=8))
     assert [p for p, _ in got] == [p for i, p in enumerate(paths) if i % 7]
     assert all(data == p.rsplit("/", 1)[-1].lstrip("0").encode() for p, data in got)
+
+
+def _as_version_1(store: st.Store, root) -> None:
+    """Rewrite a v2 store's metadata the way the version 1 writer laid it out."""
+    import shutil
+
+    index = store.read_index()
+    for shard in store.shards():
+        rows = index.filter(pa.compute.equal(index.column("shard"), shard)).sort_by("row").to_pylist()
+        sums = np.load(root / "_commits" / f"{shard}.stats.npy")
+        record = json.loads((root / "_commits" / f"{shard}.json").read_text())
+        v1 = {"shard": shard, "formats": record["formats"], "clips": rows, "errors": [], "bytes": record["bytes"],
+              "stats": {"sum": sums[0].tolist(), "sumsq": sums[1].tolist(), "count": record["stats_count"]}}
+        (root / "_commits" / f"{shard}.json").write_text(json.dumps(v1))
+        (root / "_commits" / f"{shard}.stats.npy").unlink()
+    errors = store.read_errors().to_pylist()
+    for i, e in enumerate(errors):
+        (root / "_commits" / f"err-{i}.json").write_text(json.dumps(
+            {"shard": f"err-{i}", "clips": [], "stats": None, "formats": [],
+             "errors": [{**e, "good_clips": [f"c{k}" for k in range(e.pop("good_clips"))]}]}))
+    pq.write_table(index.sort_by("clip_id"), root / "index.parquet")
+    pq.write_table(store.read_errors().select(["video_uri", "stage", "error_type", "message", "clip_id"]),
+                   root / "errors.parquet")
+    for folder in ("index", "errors"):
+        shutil.rmtree(root / folder)
+    (root / "manifest.parquet").unlink()
+    (root / "zarr" / "zarr.json").unlink()
+    (root / "store.json").write_text(json.dumps({**store.schema, "schema_version": 1}))
+
+
+def test_upgrade_a_version_1_store_in_place(tmp_path):
+    from pipeline.store.upgrade import main
+
+    data = list(clips(3, 4))
+    errors = [{"video_uri": "/data/bad.mp4", "stage": "probe", "error_type": "NotAVideoError", "message": "x"},
+              {"video_uri": "/data/vid0.mp4", "stage": "teacher", "error_type": "NonFiniteTargetError",
+               "message": "y", "clip_id": "vid0-v0-c00009", "video_clips": 5}]
+    want = st.write_store(str(tmp_path / "want"), schema(), data, errors, shard_bytes=40_000)
+    root = tmp_path / "old"
+    st.write_store(str(root), schema(), data, errors, shard_bytes=40_000)
+    _as_version_1(st.open_store(str(root)), root)
+    data_files = {p: p.read_bytes() for d in ("webdataset", "zarr") for p in (root / d).rglob("*") if p.is_file()}
+    with pytest.raises(st.StoreError, match="upgrade"):
+        st.open_store(str(root))
+
+    assert main([str(root)]) == 0
+    got = st.open_store(str(root))
+    assert got.manifest.equals(want.manifest)
+    assert got.read_index().sort_by("clip_id").equals(want.read_index().sort_by("clip_id"))
+    assert got.read_errors().sort_by("video_uri").equals(want.read_errors().sort_by("video_uri"))
+    assert got.schema == want.schema
+    assert {p: p.read_bytes() for p in data_files} == data_files, "the data objects are not rewritten"
+    assert not (root / "index.parquet").exists() and not (root / "errors.parquet").exists()
+    assert sorted(zarr.open_group(str(root / "zarr"), mode="r").group_keys()) == got.shards()
+    assert main([str(root)]) == 0 and st.open_store(str(root)).manifest.equals(want.manifest)   # idempotent
