@@ -7,7 +7,7 @@ Streaming: video URIs -> decode tasks on CPUs (compact clips out: frames at --si
 -> teacher + compression in an actor pool (one actor per GPU) -> JPEG encode tasks -> a Datasink
 whose write tasks roll shards by bytes and commit them. The driver then finalises the store.
 Resume is the same command: committed shards are skipped, partly done videos redo only their
-missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors.parquet).
+missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors/).
 """
 
 from __future__ import annotations

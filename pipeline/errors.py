@@ -1,5 +1,5 @@
 """Typed errors for bad inputs. Jobs catch `VideoError` per video, record it as a row of
-`errors.parquet` (uri, stage, type, message) and go on; anything else is a bug and fails loudly."""
+the store's `errors/` (uri, stage, type, message) and go on; anything else is a bug and fails loudly."""
 
 from __future__ import annotations
 
