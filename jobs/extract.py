@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from pipeline.config import ConfigError, log_to_stderr, parse_config, to_dict
+from pipeline.config import ConfigError, check_config, log_to_stderr, parse_bytes, parse_config, to_dict
 from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
-                             list_videos, parse_bytes, write_shards)
+                             list_videos, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
 
 if TYPE_CHECKING:
@@ -42,44 +42,50 @@ class ExtractConfig:
     output: str = field(metadata={"help": "store root: a folder or s3://bucket/prefix"})
     teacher: str = field(metadata={"help": "teacher checkpoint dir or hub id (HF transformers vision model or VLM)"})
     layer: int = field(default=-1, metadata={"help": "teacher hidden_states index; -1 = last"})
-    head: str = field(default="none", metadata={"help": "none | projector (InternVL pixel shuffle + MLP)"})
+    head: str = field(default="none", metadata={"choices": ("none", "projector"), "help": "none | projector (InternVL pixel shuffle + MLP)"})
     teacher_revision: str | None = field(default=None, metadata={"help": "hub revision of the teacher"})
-    teacher_image_size: int | None = field(default=None, metadata={"help": "override the teacher's input size"})
-    compression: str = field(default="wap", metadata={"help": "wap | avg"})
-    factors: tuple[int, int, int] = field(default=(4, 2, 2), metadata={"help": "pooling window t,h,w"})
+    teacher_image_size: int | None = field(default=None, metadata={"min": 14, "help": "override the teacher's input size"})
+    compression: str = field(default="wap", metadata={"choices": ("wap", "avg"), "help": "wap | avg"})
+    factors: tuple[int, int, int] = field(default=(4, 2, 2), metadata={"min": 1, "help": "pooling window t,h,w"})
     formats: tuple[str, ...] = field(default=("webdataset", "zarr"),
-                                     metadata={"flag": "format", "help": "webdataset, zarr or both"})
-    views: int = field(default=1, metadata={"help": "views (fps/offset draws) per video"})
-    fps: tuple[float, float] = field(default=(1.0, 4.0), metadata={"help": "clip fps range LOW-HIGH"})
-    clip_frames: int = field(default=4, metadata={"help": "frames per clip"})
-    max_clips_per_view: int | None = field(default=None, metadata={"help": "cap on clips per view"})
+                                     metadata={"choices": ("webdataset", "zarr"), "flag": "format", "help": "webdataset, zarr or both"})
+    views: int = field(default=1, metadata={"min": 1, "max": 64, "help": "views (fps/offset draws) per video"})
+    fps: tuple[float, float] = field(default=(1.0, 4.0), metadata={"min": 0.01, "max": 240, "help": "clip fps range LOW-HIGH"})
+    clip_frames: int = field(default=4, metadata={"min": 1, "max": 256, "help": "frames per clip"})
+    max_clips_per_view: int | None = field(default=None, metadata={"min": 1, "help": "cap on clips per view"})
     pad_short: bool = field(default=True, metadata={"help": "pad videos shorter than one clip"})
-    size: int = field(default=448, metadata={"help": "stored frame size (square, shorter side + centre crop)"})
-    frame_encoding: str = field(default="jpg", metadata={"help": "jpg | png | npy"})
-    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored frames"})
-    target_dtype: str = field(default="float16", metadata={"help": "float16 | bfloat16 (stored as uint16)"})
-    batch_size: int | None = field(default=None, metadata={
+    size: int = field(default=448, metadata={"min": 14, "max": 4096, "help": "stored frame size (square, shorter side + centre crop)"})
+    frame_encoding: str = field(default="jpg", metadata={"choices": ("jpg", "png", "npy"), "help": "jpg | png | npy"})
+    jpeg_quality: int = field(default=90, metadata={"min": 1, "max": 100, "help": "JPEG quality of stored frames"})
+    target_dtype: str = field(default="float16", metadata={"choices": ("float16", "bfloat16"), "help": "float16 | bfloat16 (stored as uint16)"})
+    batch_size: int | None = field(default=None, metadata={"min": 1, 
         "help": "clips per teacher batch; default frames-per-forward / clip-frames (one full forward per call)"})
-    frames_per_forward: int = field(default=256, metadata={"help": "frames per teacher forward pass"})
+    frames_per_forward: int = field(default=256, metadata={"min": 1, "help": "frames per teacher forward pass"})
     teacher_compile: bool | None = field(default=None, metadata={
         "help": "torch.compile the teacher (compiled in the actor's start-up); default on with CUDA, off on CPU"})
-    teacher_concurrency: int = field(default=2, metadata={
+    teacher_concurrency: int = field(default=2, metadata={"min": 1, "max": 16, 
         "help": "calls in flight per teacher actor: one call's frame upload and target copy hide behind the "
                 "other's forward"})
-    teacher_device: str = field(default="auto", metadata={"help": "auto (cuda when the cluster has GPUs now), "
+    teacher_device: str = field(default="auto", metadata={"choices": ("auto", "cuda", "cpu"), "help": "auto (cuda when the cluster has GPUs now), "
                                                                    "cuda (e.g. GPU nodes still autoscaling up) or cpu"})
-    teacher_actors: int | None = field(default=None, metadata={"help": "teacher actors; default one per GPU, or 1"})
-    teacher_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per teacher actor"})
-    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
-    decode_memory: str = field(default="1GB", metadata={"help": "memory reserved per decode task (>0)"})
-    decode_timeout: float = field(default=120.0, metadata={"help": "seconds per probe/decode call before giving up"})
-    chunk_clips: int = field(default=8, metadata={"help": "clips decoded at once per video (bounds memory)"})
-    shard_bytes: str = field(default="512MB", metadata={"help": "target shard size"})
-    zarr_shard_clips: int = field(default=32, metadata={"help": "clips per zarr shard object"})
+    teacher_actors: int | None = field(default=None, metadata={"min": 1, "help": "teacher actors; default one per GPU, or 1"})
+    teacher_cpus: float = field(default=1.0, metadata={"min": 0, "help": "CPUs reserved per teacher actor"})
+    decode_cpus: float = field(default=1.0, metadata={"min": 0.01, "help": "CPUs per decode task"})
+    decode_memory: str = field(default="1GB", metadata={"bytes": True, "min": 1, "help": "memory reserved per decode task (>0)"})
+    decode_timeout: float = field(default=120.0, metadata={"min": 1, "help": "seconds per probe/decode call before giving up"})
+    chunk_clips: int = field(default=8, metadata={"min": 1, "help": "clips decoded at once per video (bounds memory)"})
+    shard_bytes: str = field(default="512MB", metadata={"bytes": True, "min": 1, "help": "target shard size"})
+    zarr_shard_clips: int = field(default=32, metadata={"min": 1, "help": "clips per zarr shard object"})
     seed: int = field(default=0, metadata={"help": "seed of clip sampling (part of the store's identity)"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N input videos (sorted)"})
+    limit: int | None = field(default=None, metadata={"min": 0, "help": "only the first N input videos (sorted)"})
     ray_address: str = field(default="auto", metadata={"help": "auto (a reachable cluster, else a local Ray), "
                                                                "local, or ray://... / host:port"})
+
+    def check(self) -> None:
+        """Rules across fields (each field's own bounds are in its metadata)."""
+        if self.fps[0] > self.fps[1]:
+            raise ConfigError(f"--fps: LOW {self.fps[0]} is above HIGH {self.fps[1]}")
+        clip_spec(self)
 
 
 def actor_pool(size: int, concurrency: int = 1):
@@ -248,16 +254,12 @@ def extract(cfg: ExtractConfig) -> dict:
     import ray
 
     started = time.time()
+    check_config(cfg)            # before anything touches the output
     videos = list_videos(cfg.input)
     if cfg.limit is not None:
         videos = videos.slice(0, cfg.limit)
     initialised = connect(cfg.ray_address)
     try:
-        if cfg.teacher_device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"--teacher-device must be auto, cuda or cpu, got {cfg.teacher_device!r}")
-        if cfg.teacher_concurrency < 1:
-            raise ConfigError(f"--teacher-concurrency must be >= 1, got {cfg.teacher_concurrency}")
-        clip_spec(cfg)   # a bad clip spec fails here, not in every decode task
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = "bfloat16" if use_gpu else "float32"
@@ -302,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     log_to_stderr()
     from pipeline.teacher import TeacherError
 
-    cfg = parse_config(ExtractConfig, argv)
+    try:
+        cfg = parse_config(ExtractConfig, argv)
+    except SystemExit as e:      # a bad config: already reported in one line
+        return e.code
     try:
         summary = extract(cfg)
     except (StoreError, ConfigError, FileNotFoundError, TeacherError) as e:

@@ -9,6 +9,11 @@ reads defaults from the dataclass, then the YAML file, then the flags, in that o
 Field `clip_frames` is flag `--clip-frames`; a field's `metadata={"help": ...}` is its help
 text; `metadata={"flag": "fps"}` renames the flag. Unknown YAML keys are an error, so a
 typo never silently falls back to a default.
+
+Every value is checked before a job touches its output: bounds declared on the field
+(`metadata={"min": 1}`, `"max"`, `"choices"`, `"bytes": True` for sizes such as "512MB"), then
+the dataclass's own `check()` for rules across fields. A bad value, or a YAML file that is
+missing, unparsable or not a mapping, is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -89,6 +95,51 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return out
 
 
+def parse_bytes(text: str | int) -> int:
+    """'512MB', '1GiB', '4096' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
+             "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(float(s))
+
+
+def _field_problems(name: str, value: Any, meta: typing.Mapping) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (tuple, list)):
+        return [p for v in value for p in _field_problems(name, v, meta)]
+    flag = _flag_name(name, meta)
+    if meta.get("bytes"):
+        try:
+            value = parse_bytes(value)
+        except ValueError:
+            return [f"{flag}: {value!r} is not a size (e.g. 512MB, 1GiB, 4096)"]
+    if "choices" in meta and value not in meta["choices"]:
+        return [f"{flag}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value or value in (float("inf"), float("-inf")):
+            return [f"{flag}: {value} is not a finite number"]
+        if "min" in meta and value < meta["min"]:
+            return [f"{flag}: {value} is below its minimum {meta['min']}"]
+        if "max" in meta and value > meta["max"]:
+            return [f"{flag}: {value} is above its maximum {meta['max']}"]
+    return []
+
+
+def check_config(cfg: Any) -> None:
+    """Raise ConfigError naming every field outside its declared bounds, then run `cfg.check()`."""
+    problems = [p for name, f in _fields(type(cfg)).items() for p in _field_problems(name, getattr(cfg, name), f.metadata)]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if hasattr(cfg, "check"):
+        cfg.check()
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any], base: C | None = None) -> C:
     fields = _fields(cls)
     unknown = sorted(set(data) - set(fields))
@@ -98,18 +149,34 @@ def config_from_dict(cls: type[C], data: dict[str, Any], base: C | None = None) 
     for k, v in data.items():
         values[k] = coerce(v, fields[k].type, k)
     obj = cls(**values) if base is None else dataclasses.replace(base, **{k: values[k] for k in data})
+    check_config(obj)
     return obj
 
 
 def load_yaml(cls: type[C], path: str | Path) -> C:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    return config_from_dict(cls, _read_yaml(cls, path))
+
+
+def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields")
-    return config_from_dict(cls, data)
+        raise ConfigError(f"--config {path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    return data
+
+
+def _flag_name(name: str, meta: typing.Mapping) -> str:
+    return "--" + meta.get("flag", name.replace("_", "-"))
 
 
 def _flag(f: dataclasses.Field) -> str:
-    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+    return _flag_name(f.name, f.metadata)
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
@@ -135,26 +202,23 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: str | None = None) -> C:
-    """Defaults < YAML (`--config`) < flags. Required fields (no default) must come from one of them."""
+    """Defaults < YAML (`--config`) < flags. Required fields (no default) must come from one of them.
+    A bad config exits with status 2 and one line on stderr, before the job does anything."""
     parser = build_parser(cls, description)
     ns = vars(parser.parse_args(argv))
     path = ns.pop("config", None)
-    data: dict[str, Any] = {}
-    if path:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields")
-        data.update(raw)
-    data.update(ns)
-    missing = [f.name for f in _fields(cls).values()
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in data]
-    if missing:
-        parser.error("missing required: " + ", ".join(_flag(_fields(cls)[m]) for m in missing))
     try:
+        data = _read_yaml(cls, path) if path else {}
+        data.update(ns)
+        missing = [f.name for f in _fields(cls).values()
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise ConfigError("missing required: " + ", ".join(_flag(_fields(cls)[m]) for m in missing))
         return config_from_dict(cls, data)
     except ConfigError as e:
-        parser.error(str(e))
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -355,16 +355,3 @@ def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]]
         summary.clips += record.clips
         summary.bytes += sum(record.bytes.values())
     return summary
-
-
-def parse_bytes(text: str | int) -> int:
-    """'512MB', '1GiB', '4096' -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9,
-             "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(float(s))

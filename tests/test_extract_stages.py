@@ -13,9 +13,9 @@ import torch
 from jobs.extract import ExtractConfig, store_schema
 from pipeline.clips import ClipSpec
 from pipeline.compress import Compression
-from pipeline.config import parse_config
+from pipeline.config import parse_bytes, parse_config
 from pipeline.stages import (BusyClock, DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
-                             list_videos, parse_bytes, stored_target, write_shards)
+                             list_videos, stored_target, write_shards)
 from pipeline.store import StoreError, StoreWriter, decode_target, encode_target, open_store
 
 
