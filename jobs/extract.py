@@ -23,6 +23,7 @@ from pipeline.config import ConfigError, check_config, log_to_stderr, parse_byte
 from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
                              list_videos, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
+from pipeline.store.lease import Lease
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -258,8 +259,10 @@ def extract(cfg: ExtractConfig) -> dict:
     videos = list_videos(cfg.input)
     if cfg.limit is not None:
         videos = videos.slice(0, cfg.limit)
-    initialised = connect(cfg.ray_address)
+    lease = Lease(cfg.output).acquire()      # one job per output: a second one stops here
+    initialised = False
     try:
+        initialised = connect(cfg.ray_address)
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = "bfloat16" if use_gpu else "float32"
@@ -279,6 +282,7 @@ def extract(cfg: ExtractConfig) -> dict:
     finally:
         if initialised:
             ray.shutdown()
+        lease.release()
     totals = final["summary"]
     busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
     return {

@@ -332,8 +332,9 @@ class WriteSummary:
 
 
 def batch_rows(batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """Rows of a numpy batch; an empty block (every video of it failed) has no columns at all."""
     keys = list(batch)
-    for i in range(len(batch[keys[0]])):
+    for i in range(len(batch[keys[0]]) if keys else 0):
         yield {k: batch[k][i] for k in keys}
 
 

@@ -368,3 +368,22 @@ def test_append_more_videos_to_a_complete_store(teachers, videos, ray_driver, tm
     new = [r for r in index.to_pylist() if r["video_uri"] == str(videos / "b.mp4")]
     assert len(new) == second["clips_written"] > 0 and index.num_rows == first["store_clips"] + len(new)
     assert store.schema["summary"]["videos"] == 2 and store.num_clips == index.num_rows
+
+
+def test_all_inputs_bad_or_none_gives_a_complete_empty_store(teachers, ray_driver, tmp_path):
+    from jobs.extract import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.mp4", "b.mkv"):
+        (inputs / name).write_bytes(b"not a video at all\n" * 20)
+    for folder in (inputs, tmp_path / "empty"):
+        folder.mkdir(exist_ok=True)
+        out = tmp_path / f"store-{folder.name}"
+        assert main(args(folder, out, teachers["siglip"], ray_driver.address)) == 0
+        store = open_store(str(out))
+        assert store.num_clips == 0 and store.shards() == [] and store.read_index().num_rows == 0
+        assert sorted(store.read_errors().column("video_uri").to_pylist()) == \
+            sorted(str(p) for p in folder.iterdir())
+        assert store.schema["summary"]["failed_videos"] == len(list(folder.iterdir()))
+        assert not (out / "_lease.json").exists()

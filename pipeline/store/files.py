@@ -46,6 +46,10 @@ class Layout:
         return f"{self.path}/store.json"
 
     @property
+    def lease(self) -> str:
+        return f"{self.path}/_lease.json"
+
+    @property
     def manifest(self) -> str:
         return f"{self.path}/manifest.parquet"
 
