@@ -13,12 +13,12 @@ missing clips. Exit 0 when the store is complete (even if some inputs failed, se
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from jobs.cluster import connect
 from pipeline.config import ConfigError, check_config, log_to_stderr, parse_bytes, parse_config, to_dict
 from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
                              list_videos, write_shards)
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger("jobs.extract")
-
-# Environment a worker needs to reach the same object store as the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 @dataclass
@@ -146,31 +142,6 @@ def describe_teacher(cfg: ExtractConfig, dtype: str) -> dict:
     description = teacher.describe()
     del teacher
     return description
-
-
-def connect(address: str) -> bool:
-    """Join a cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray.
-
-    True when this call initialised Ray in this process (so the job shuts it down at the end);
-    False when the caller had already initialised it (a notebook, a test, a bigger driver)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    # A submitted job already has its runtime env (working_dir...); a second one would replace it.
-    runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
-    if address == "local":
-        ray.init(address="local", runtime_env=runtime_env)
-        return True
-    try:
-        ray.init(address=address, runtime_env=runtime_env)
-    except ConnectionError as e:
-        if address != "auto":
-            raise
-        log.info("no single Ray cluster to join (%s): starting a local one for this job", e)
-        ray.init(runtime_env=runtime_env)
-    return True
 
 
 def _datasink(store: StoreWriter, shard_bytes: int, zarr_shard_clips: int):

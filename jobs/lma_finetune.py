@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.extract import connect
+from jobs.cluster import connect
 from lma.finetune import FinetuneConfig, finetune
 from pipeline.config import config_from_dict, log_to_stderr, parse_config, to_dict
 

@@ -15,8 +15,9 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
+from jobs.cluster import connect
 from pipeline.config import config_from_dict, parse_config, to_dict
 from student.train import TrainConfig, train
 
@@ -27,7 +28,7 @@ class RayTrainConfig(TrainConfig):
 
     ray_workers: int = field(default=1, metadata={"help": "training processes (one per GPU with --use-gpu)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per Ray worker"})
-    address: Optional[str] = field(default=None, metadata={"help": "Ray cluster address (default: start a local one)"})
+    address: str = field(default="auto", metadata={"help": "Ray address; 'auto' joins a cluster or starts one"})
     max_failures: int = field(default=0, metadata={"help": "worker-group restarts Ray may make (each resumes)"})
 
 
@@ -53,16 +54,19 @@ def run(cfg: RayTrainConfig) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.address)
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config=_loop_config(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name="ctd", storage_path=str(Path(cfg.output).resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    return trainer.fit()
+    started = connect(cfg.address)
+    try:
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config=_loop_config(cfg),
+            scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.use_gpu),
+            run_config=RunConfig(name="ctd", storage_path=str(Path(cfg.output).resolve() / "ray"),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        return trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
