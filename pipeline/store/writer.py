@@ -77,7 +77,7 @@ class StoreWriter:
             self.fs.rm(self.layout.manifest)
 
     def commit_names(self) -> list[str]:
-        return [n for n in list_names(self.fs, self.layout.commits, ".json")]
+        return list_names(self.fs, self.layout.commits, ".json")
 
     def read_commits(self, names: Sequence[str] | None = None) -> Iterator[ShardCommit]:
         names = self.commit_names() if names is None else names
@@ -121,7 +121,7 @@ class StoreWriter:
         still be finishing)."""
         targets = [f"{self.path}/_tmp"]
         for folder, suffix in (("webdataset", ".tar"), ("zarr", ""), ("index", ".parquet"),
-                               ("_commits", ".stats.npy")):
+                               ("_commits", ".stats.npy"), ("errors", ".parquet")):
             base = f"{self.path}/{folder}"
             if not self.fs.exists(base):
                 continue
