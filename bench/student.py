@@ -395,7 +395,7 @@ class Bench:
                                               int(a.store_shard_mb * 2**20), formats)
         sizes = {f: sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(os.path.join(root, f)) for n in ns)
                  for f in formats}
-        self.record(section="store", path=root, clips=store.index.num_rows, shards=len(store.shards()),
+        self.record(section="store", path=root, clips=store.num_clips, shards=len(store.shards()),
                     gib={f: round(b / 2**30, 3) for f, b in sizes.items()}, jpeg_kb=jpeg_bytes / 1e3,
                     target=[store.schema["target"]["tokens"], store.schema["target"]["dim"], "float16"],
                     write_s=time.monotonic() - t0, cpus=os.cpu_count())

@@ -1,33 +1,47 @@
 """Streaming a clip store into training batches, in an order that is a pure function of
 (seed, epoch, position), so a stopped run resumes on exactly the samples it would have seen.
 
-WebDataset (default): an epoch is the store's training rows laid out shard after shard, the
+A rank starts from the store's manifest alone (shard names, clips per shard, held-out clips per
+shard): an epoch is planned as arithmetic on per-shard counts, so start-up costs O(shards) in
+time and memory however many clips the store holds. A shard's index file (clip ids, video ids) is
+read only by the loader worker that opens the shard, to check the shard's keys against it and to
+find which of its rows the pass reads; a worker keeps a few shards open, least recently used first
+to go.
+
+WebDataset (default): an epoch is the store's training clips laid out shard after shard, the
 shards permuted by (seed, epoch). That sequence is wrapped to a length that splits evenly
 into `world_size * num_workers` streams of whole batches (so no rank or loader worker ever
 runs dry), each stream a contiguous piece read front to back. Inside a stream a shuffle
 buffer reorders the samples; its permutation is computed on positions alone, so resuming
-after `k` batches skips the samples already consumed without decoding them (their tar bytes
-are read, never their JPEGs).
+after `k` batches replays the buffer's draws without data and skips the samples already
+consumed without decoding them (a shard is read only from the first sample still needed; within
+it, skipped samples' tar bytes are read, never their JPEGs).
 
-Zarr: rows are read by index, so an epoch is simply a seeded permutation of the training
-rows, split evenly over ranks; any loader worker can serve any batch.
+Zarr: clips are read by index, so an epoch is simply a seeded permutation of the training
+clips (a keyed Feistel network, evaluated per position in O(1) memory), split evenly over ranks;
+any loader worker can serve any batch.
 
 A rank's DataLoader takes batches from its workers in turn; worker `w` of a loader started
 at batch `k` serves batches `k + w, k + w + W, ...`, which keeps the order independent of
 where the run was resumed. The WebDataset order depends on `num_workers` and the world size
 (the number of streams); the Zarr order only on the world size.
+
+Held-out split: by a hash of the video id (`pipeline.store.heldout_score`) at one of the levels
+whose per-shard counts the manifest holds (`HELDOUT_LEVELS`), so the views of one video never
+straddle the split and the split never depends on the seed. Evaluation reads the held-out clips
+(or a whole second store) once each, in store order, streamed like training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,15 +55,16 @@ class SchemaMismatchError(ValueError):
 
 
 class StoreContentError(ValueError):
-    """A shard disagrees with the store's index (keys, clip count or array shapes)."""
+    """A shard disagrees with the store's manifest or index (keys, clip count or array shapes)."""
 
 
 @dataclass
 class StoreInfo:
-    """What the trainer needs from a store: its schema and, per shard, the clips it holds."""
+    """What a rank needs from a store to start: its schema and, per shard, what the manifest counts.
+    Nothing here grows with the number of clips."""
 
     root: str
-    store: Any                      # pipeline.store.Store (fs, shard_urls, ...); None for a schema alone
+    store: Any                      # pipeline.store.Store (fs, shard_urls, shard_index, ...); None for a schema alone
     schema: dict                    # store.json
     clip_frames: int
     frame_size: tuple[int, int]     # (H, W)
@@ -60,29 +75,26 @@ class StoreInfo:
     target_mean: np.ndarray         # float32 [D]
     target_std: np.ndarray          # float32 [D]
     shards: list[str]               # shard names, sorted
-    clip_ids: list[list[str]]       # per shard, clip ids in row order
-    video_ids: list[list[str]]
+    counts: np.ndarray              # int64 [shards]: clips per shard
+    heldout_clips: np.ndarray       # int64 [shards, levels]: clips whose video scores <= HELDOUT_LEVELS[i]
+    first_video_score: np.ndarray   # float64 [shards]: the lowest heldout_score among the shard's videos
+    first_video_clips: np.ndarray   # int64 [shards]: that video's clips in the shard
 
-    def shard_url(self, shard: int) -> str | None:
+    def shard_url(self, shard: int) -> str:
         return self._urls[shard]
 
     def __post_init__(self) -> None:
-        has_tars = self.store is not None and "webdataset" in self.formats
-        urls = {u.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar"): u
-                for u in (self.store.shard_urls(format="webdataset") if has_tars else [])}
-        self._urls = [urls.get(s) for s in self.shards]
+        self._urls = self.store.shard_urls("webdataset") if "webdataset" in self.formats else []
         self._pid = os.getpid()
-        self.counts = [len(c) for c in self.clip_ids]     # clips per shard
 
     @property
     def formats(self) -> list[str]:
         return list(self.schema.get("formats", FORMATS)) if self.store is not None else []
 
     @classmethod
-    def from_schema(cls, schema: dict, root: str, store: Any = None, shards: list[str] | None = None,
-                    clip_ids: list[list[str]] | None = None, video_ids: list[list[str]] | None = None) -> "StoreInfo":
-        """Shapes and statistics from store.json; without `store`, a description with no clips to read
-        (enough to build a student and feed it synthetic batches)."""
+    def from_schema(cls, schema: dict, root: str, store: Any = None) -> "StoreInfo":
+        """Shapes and statistics from store.json, shards from the store's manifest; without `store`, a
+        description with no clips to read (enough to build a student and feed it synthetic batches)."""
         clip, frames, target, stats = (schema[k] for k in ("clip", "frames", "target", "target_stats"))
         return cls(
             root=root, store=store, schema=schema, clip_frames=int(clip["frames"]),
@@ -91,7 +103,7 @@ class StoreInfo:
             target_mean=np.asarray(stats["mean"], dtype=np.float32),
             # a channel that never varies would divide by zero when standardised
             target_std=np.maximum(np.asarray(stats["std"], dtype=np.float32), 1e-6),
-            shards=shards or [], clip_ids=clip_ids or [], video_ids=video_ids or [])
+            **_per_shard(store.manifest if store is not None else None))
 
     def local_store(self) -> Any:
         """The store with a filesystem made in this process: s3fs (async fsspec) objects do not
@@ -104,25 +116,28 @@ class StoreInfo:
         return self.store
 
 
+def _per_shard(manifest: Any) -> dict[str, Any]:
+    """StoreInfo's per-shard fields from the manifest table (one row per shard), or none."""
+    from pipeline.store import HELDOUT_LEVELS
+
+    n = manifest.num_rows if manifest is not None else 0
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return manifest.column(name).to_numpy().astype(dtype) if n else np.zeros(0, dtype)
+
+    heldout = manifest.column("heldout_clips").combine_chunks().flatten().to_numpy() if n else np.zeros(0)
+    return {"shards": manifest.column("shard").to_pylist() if n else [], "counts": column("clips", np.int64),
+            "heldout_clips": heldout.astype(np.int64).reshape(n, len(HELDOUT_LEVELS)),
+            "first_video_score": column("first_video_score", np.float64),
+            "first_video_clips": column("first_video_clips", np.int64)}
+
+
 def read_store(root: str) -> StoreInfo:
-    """Open a store written by `jobs.extract` and read its schema and index once."""
+    """Open a store written by `jobs.extract`: its schema and manifest, never its clip index."""
     from pipeline.store import open_store
 
     store = open_store(root)
-    index = store.index.select(["shard", "row", "clip_id", "video_id"]).sort_by(
-        [("shard", "ascending"), ("row", "ascending")])
-    shard_col = np.asarray(index.column("shard").to_pylist(), dtype=object)
-    rows = index.column("row").to_numpy()
-    ids, vids = index.column("clip_id").to_pylist(), index.column("video_id").to_pylist()
-    cuts = [0, *(np.flatnonzero(shard_col[1:] != shard_col[:-1]) + 1).tolist(), len(rows)]
-    shards, clip_ids, video_ids = [], [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        if not np.array_equal(rows[a:b], np.arange(b - a)):
-            raise StoreContentError(f"{root}: index rows of shard {shard_col[a]} are not 0..{b - a - 1}")
-        shards.append(str(shard_col[a]))
-        clip_ids.append(ids[a:b])
-        video_ids.append(vids[a:b])
-    return StoreInfo.from_schema(store.schema, root, store, shards, clip_ids, video_ids)
+    return StoreInfo.from_schema(store.schema, root, store)
 
 
 def check_store_matches(config: Any, info: StoreInfo) -> None:
@@ -138,16 +153,39 @@ def check_store_matches(config: Any, info: StoreInfo) -> None:
         raise SchemaMismatchError(f"store {info.root} does not fit the model: " + "; ".join(bad))
 
 
-def heldout_mask(info: StoreInfo, fraction: float) -> list[np.ndarray]:
-    """Per shard, True for clips held out for evaluation. Chosen by a hash of the video id, so the
-    views of one video never straddle the split and the split never depends on the seed; at least
-    one video is held out, so a small store still gets an evaluation."""
-    def score(video_id: str) -> float:
-        return int.from_bytes(hashlib.sha1(video_id.encode()).digest()[:8], "big") / 2**64
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Which clips of each shard a pass reads, known by count from the manifest; which rows they are
+    is read from a shard's index file when a worker opens the shard (and checked against the count)."""
 
-    scores = {v: score(v) for vids in info.video_ids for v in vids}
-    cut = max(fraction, min(scores.values(), default=0.0))
-    return [np.array([scores[v] <= cut for v in vids], dtype=bool) for vids in info.video_ids]
+    counts: np.ndarray              # int64 [shards]: clips read per shard
+    cut: float | None = None        # clips whose video's heldout_score <= cut are held out; None: no split
+    heldout: bool = False           # read the held-out clips (evaluation) rather than the others (training)
+
+    def pick(self, video_ids: list[str]) -> np.ndarray:
+        """The rows of one shard this pass reads, ascending."""
+        if self.cut is None:
+            return np.arange(len(video_ids))
+        from pipeline.store import heldout_score
+
+        scores = {v: heldout_score(v) for v in set(video_ids)}
+        held = np.array([scores[v] <= self.cut for v in video_ids], dtype=bool)
+        return np.flatnonzero(held if self.heldout else ~held)
+
+
+def heldout_split(info: StoreInfo, fraction: float) -> tuple[Selection, Selection]:
+    """(training clips, held-out clips) for holding out `fraction` (one of HELDOUT_LEVELS) of the
+    videos, from the manifest's counts alone. At least one video is held out, so a small store still
+    gets an evaluation: when none scores under the level, the lowest-scoring video is."""
+    from pipeline.store import HELDOUT_LEVELS
+
+    if fraction not in HELDOUT_LEVELS:
+        raise ValueError(f"held-out fraction must be one of {', '.join(map(str, HELDOUT_LEVELS))}, got {fraction}")
+    cut, held = float(fraction), info.heldout_clips[:, HELDOUT_LEVELS.index(fraction)]
+    if held.sum() == 0 and len(info.shards):
+        cut = float(info.first_video_score.min())
+        held = np.where(info.first_video_score == cut, info.first_video_clips, 0)
+    return Selection(info.counts - held, cut), Selection(held, cut, heldout=True)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -157,75 +195,151 @@ def _rng(*key: int) -> np.random.Generator:
 _SHARDS, _SHUFFLE, _AUGMENT, _ZARR = 1, 2, 3, 4   # RNG stream tags
 
 
-def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """The output order of a shuffle buffer of `buffer` slots fed positions 0..n-1 (webdataset's
-    algorithm). Output j always comes from the first j + buffer inputs, which bounds memory."""
-    if buffer <= 1 or n <= 1:
-        return np.arange(n)
-    # The buffer's fill level at each draw is known in advance, so all draws are made at once.
-    picks = (rng.random(n) * np.minimum(buffer, n - np.arange(n))).astype(np.int64)
-    out = np.empty(n, dtype=np.int64)
-    buf: list[int] = list(range(min(buffer - 1, n)))
-    nxt = len(buf)
-    for j in range(n):
-        if nxt < n:
-            buf.append(nxt)
-            nxt += 1
-        k = int(picks[j])
-        buf[k], buf[-1] = buf[-1], buf[k]
-        out[j] = buf.pop()
-    return out
+class ShuffleBuffer:
+    """The output order of a shuffle buffer of `size` slots fed positions 0..n-1 (webdataset's
+    algorithm), drawn as it goes. Output j always comes from the first j + size inputs, so the state
+    is at most `size` positions; the draws are the same however the outputs are taken, so a resumed
+    stream replays its first outputs (no data) and continues exactly."""
+
+    def __init__(self, n: int, size: int, rng: np.random.Generator):
+        self.n, self.size, self.rng = n, max(1, size), rng
+        self.buffer: list[int] = list(range(min(self.size - 1, n)))   # fed, not yet output
+        self.fed = len(self.buffer)     # positions 0..fed-1 went in
+        self.done = 0                   # outputs made
+
+    def take(self, m: int) -> list[int]:
+        """The next `m` outputs (fewer at the end)."""
+        m = min(m, self.n - self.done)
+        if m <= 0:
+            return []
+        # The buffer's fill level at each draw is known in advance, so a run of draws is made at once.
+        fill = np.minimum(self.size, self.n - np.arange(self.done, self.done + m))
+        picks = (self.rng.random(m) * fill).astype(np.int64).tolist()
+        buf, nxt, n, out = self.buffer, self.fed, self.n, []
+        for k in picks:
+            if nxt < n:
+                buf.append(nxt)
+                nxt += 1
+            buf[k], buf[-1] = buf[-1], buf[k]
+            out.append(buf.pop())
+        self.fed, self.done = nxt, self.done + m
+        return out
+
+    def skip(self, m: int) -> None:
+        """Make the next `m` outputs without keeping them: a resumed stream's replay."""
+        m = min(m, self.n - self.done)
+        while m > 0:
+            m -= len(self.take(min(m, 1 << 16)))
 
 
-@dataclass(frozen=True)
+class FeistelPermutation:
+    """A keyed permutation of [0, n), evaluated per index in O(1) memory: a balanced Feistel network
+    on the smallest even number of bits covering n, cycle-walking values that land past n."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        bits = max(2, (n - 1).bit_length())
+        self.n, self.half = n, (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = [np.uint64(k) for k in rng.integers(0, 2**63, self.ROUNDS)]
+
+    @staticmethod
+    def _mix(x: np.ndarray) -> np.ndarray:
+        """splitmix64's finaliser: every output bit depends on every input bit."""
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (self._mix(right ^ key) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, i: np.ndarray) -> np.ndarray:
+        x = np.asarray(i, dtype=np.uint64).copy()
+        todo = np.ones(x.shape, dtype=bool)
+        while todo.any():      # the domain is < 4n: a few passes on average
+            x[todo] = self._encrypt(x[todo])
+            todo = x >= self.n
+        return x.astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
 class EpochPlan:
-    """Where each sample of one epoch comes from, for every (rank, stream). Shuffled orders are made
-    per stream on demand, so a rank only pays for its own streams."""
+    """One epoch as index arithmetic, O(shards) in memory: position p of stream s is entry
+    (s * length + p) mod total of the epoch's sequence (wrapping round, so every stream gets the same
+    `length`), the sequence being the selected clips of the shards laid out in `shard_order` (zarr:
+    taken through a keyed permutation). An entry is found as (shard, k-th selected clip of the shard)
+    by bisecting the cumulative counts. A stream's shuffled order is drawn on demand."""
 
-    rows: np.ndarray         # int64 [streams, length, 2]: (shard, row) per position, in read order
+    rows: Selection
+    shard_order: np.ndarray     # int64 [shards]
+    ends: np.ndarray            # int64 [shards]: cumulative selected clips along shard_order
+    length: int                 # positions per stream
     batch_size: int
     streams_per_rank: int
     shuffle_buffer: int = 0
+    permutation: FeistelPermutation | None = None
     seed: int = 0
     epoch: int = 0
 
     @property
+    def total(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    @property
     def batches_per_rank(self) -> int:
-        return self.streams_per_rank * math.ceil(self.rows.shape[1] / self.batch_size)
+        return self.streams_per_rank * math.ceil(self.length / self.batch_size)
 
-    def order(self, stream: int) -> np.ndarray:
-        """Output j of the stream reads position order(stream)[j]."""
-        rng = _rng(self.seed, self.epoch, _SHUFFLE, stream)
-        return shuffle_buffer_order(self.rows.shape[1], self.shuffle_buffer, rng)
+    def order(self, stream: int) -> ShuffleBuffer:
+        """Its outputs are the stream's positions in read order."""
+        return ShuffleBuffer(self.length, self.shuffle_buffer, _rng(self.seed, self.epoch, _SHUFFLE, stream))
+
+    def locate(self, stream: int, positions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, k) of each position of a stream: the k-th selected clip of that shard."""
+        i = (stream * self.length + np.asarray(positions, dtype=np.int64)) % self.total
+        if self.permutation is not None:
+            i = self.permutation(i)
+        j = np.searchsorted(self.ends, i, side="right")
+        shard = self.shard_order[j]
+        return shard, i - (self.ends[j] - self.rows.counts[shard])
+
+    def segments(self, stream: int, start: int = 0) -> Iterator[tuple[int, int, int, int]]:
+        """(first position, shard, first k, clips): runs of consecutive clips of one shard that cover
+        the stream's positions from `start` on, in sequence order (for plans without a permutation)."""
+        p = start
+        while p < self.length:
+            shard, k = (int(v[0]) for v in self.locate(stream, [p]))
+            n = min(int(self.rows.counts[shard]) - k, self.length - p)
+            yield p, shard, k, n
+            p += n
 
 
-def plan_epoch(counts: Sequence[int], keep: Sequence[np.ndarray] | None, *, fmt: str, seed: int, epoch: int,
-               world_size: int, streams_per_rank: int, batch_size: int, shuffle_buffer: int) -> EpochPlan:
-    """The whole epoch as index arithmetic: no data is read. Every stream gets the same number of
-    whole batches, wrapping round to the start of the epoch's sequence to fill the last ones."""
-    keep = keep if keep is not None else [np.ones(c, dtype=bool) for c in counts]
+def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: int, streams_per_rank: int,
+               batch_size: int, shuffle_buffer: int) -> EpochPlan:
+    """The whole epoch from per-shard counts: no data and no index is read. Every stream gets the same
+    number of whole batches, wrapping round to the start of the epoch's sequence to fill the last ones."""
     if fmt == "webdataset":
-        shard_order = _rng(seed, epoch, _SHARDS).permutation(len(counts))
+        shard_order = _rng(seed, epoch, _SHARDS).permutation(len(rows.counts))
         streams = world_size * streams_per_rank
     elif fmt == "zarr":
-        shard_order = np.arange(len(counts))
+        shard_order = np.arange(len(rows.counts))
         streams, streams_per_rank, shuffle_buffer = world_size, 1, 0
         # one stream per rank, already shuffled; its batches are shared round-robin by the workers
     else:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    parts = [np.zeros((0, 2), dtype=np.int64)]
-    for s in shard_order:
-        kept = np.flatnonzero(keep[s])
-        parts.append(np.stack([np.full(len(kept), s), kept], axis=1))
-    seq = np.concatenate(parts).astype(np.int64)
-    if len(seq) == 0:
+    ends = np.cumsum(rows.counts[shard_order])
+    total = int(ends[-1]) if len(ends) else 0
+    if total == 0:
         raise StoreContentError("no training clips in the store (all held out, or the store is empty)")
-    if fmt == "zarr":
-        seq = seq[_rng(seed, epoch, _ZARR).permutation(len(seq))]
-    length = math.ceil(len(seq) / (streams * batch_size)) * batch_size
-    rows = seq[np.arange(streams * length) % len(seq)].reshape(streams, length, 2)
-    return EpochPlan(rows=rows, batch_size=batch_size, streams_per_rank=streams_per_rank,
-                     shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch)
+    permutation = FeistelPermutation(total, _rng(seed, epoch, _ZARR)) if fmt == "zarr" else None
+    return EpochPlan(rows=rows, shard_order=shard_order, ends=ends,
+                     length=math.ceil(total / (streams * batch_size)) * batch_size, batch_size=batch_size,
+                     streams_per_rank=streams_per_rank, shuffle_buffer=shuffle_buffer, permutation=permutation,
+                     seed=seed, epoch=epoch)
 
 
 def rank_batches(plan: EpochPlan, rank: int, batch: int) -> tuple[int, int]:
@@ -235,18 +349,81 @@ def rank_batches(plan: EpochPlan, rank: int, batch: int) -> tuple[int, int]:
 
 
 def epoch_clip_ids(info: StoreInfo, plan: EpochPlan, rank: int) -> list[list[str]]:
-    """The clip ids of each of a rank's batches, in training order (for audits and tests)."""
-    out, orders = [], {}
+    """The clip ids of each of a rank's batches, in training order (for audits and tests: it reads the
+    index file of every shard the rank touches)."""
+    shards, orders, out = _Shards(info, plan.rows), {}, []
     for b in range(plan.batches_per_rank):
-        stream, first = rank_batches(plan, rank, b)
-        if stream not in orders:
-            orders[stream] = plan.order(stream)
-        pos = orders[stream][first:first + plan.batch_size]
-        out.append([info.clip_ids[s][r] for s, r in plan.rows[stream, pos]])
+        stream, _ = rank_batches(plan, rank, b)     # a stream's batches come in order
+        order = orders.setdefault(stream, plan.order(stream))
+        located = zip(*plan.locate(stream, order.take(plan.batch_size)))
+        out.append([shards.open(int(s)).clip_id(int(k)) for s, k in located])
     return out
 
 
-# ---------------------------------------------------------------- decoding
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class _Shard:
+    """An opened shard: its index's clip ids, the rows the pass reads, and (zarr) its arrays."""
+
+    clip_ids: list[str]         # every row's clip id, in row order
+    rows: np.ndarray            # int64: the selected rows, ascending (the k-th selected clip is rows[k])
+    arrays: tuple[Any, Any, str] | None = None     # zarr: frames, targets, stored target dtype
+
+    def clip_id(self, k: int) -> str:
+        return self.clip_ids[self.rows[k]]
+
+
+class _Shards:
+    """The shards one loader worker has open, at most `keep`. Opening one is the only place a shard's
+    index file is read; it must list the clips the manifest counts, and (zarr) the shard's own clip
+    ids must equal the index's."""
+
+    def __init__(self, info: StoreInfo, rows: Selection, zarr: bool = False, keep: int = 32):
+        self.info, self.rows, self.zarr, self.keep = info, rows, zarr, keep
+        self.open_shards: OrderedDict[int, _Shard] = OrderedDict()
+
+    def open(self, shard: int) -> _Shard:
+        if shard in self.open_shards:
+            self.open_shards.move_to_end(shard)
+            return self.open_shards[shard]
+        info, name, n = self.info, self.info.shards[shard], int(self.info.counts[shard])
+        store = info.local_store()
+        index = store.shard_index(name, columns=["clip_id", "video_id", "row"])
+        if not np.array_equal(index.column("row").to_numpy(), np.arange(n)):
+            raise StoreContentError(f"{info.root}: the index of shard {name} lists rows other than the manifest's "
+                                    f"0..{n - 1}")
+        ids = index.column("clip_id").to_pylist()
+        rows = self.rows.pick(index.column("video_id").to_pylist())
+        if len(rows) != self.rows.counts[shard]:
+            side = "held-out" if self.rows.heldout else "training"
+            raise StoreContentError(f"{info.root}: shard {name} has {len(rows)} {side} clips by its index, the "
+                                    f"manifest counts {self.rows.counts[shard]}")
+        opened = _Shard(ids, rows, self._zarr_arrays(store, name, ids) if self.zarr else None)
+        self.open_shards[shard] = opened
+        if len(self.open_shards) > self.keep:
+            self.open_shards.popitem(last=False)
+        return opened
+
+    def _zarr_arrays(self, store: Any, name: str, ids: list[str]) -> tuple[Any, Any, str]:
+        g = store.zarr_group(name)
+        stored = [str(c) for c in np.asarray(g["clip_id"][:])]
+        if stored != ids:
+            bad = next((i for i, (a, b) in enumerate(zip(stored, ids)) if a != b), min(len(stored), len(ids)))
+            raise StoreContentError(f"zarr shard {name}: {len(stored)} clips, the index lists {len(ids)}; "
+                                    f"first difference at row {bad}")
+        targets = g["targets"]
+        return g["frames"], targets, targets.attrs.get("dtype", self.info.target_dtype)
+
+    def read_zarr(self, shard: int, k: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """Clip id, frames and target of the k-th selected clip of a shard."""
+        from pipeline.store import decode_target
+
+        opened = self.open(shard)
+        frames, targets, dtype = opened.arrays
+        row, key = int(opened.rows[k]), opened.clip_id(k)
+        return key, *_checked(key, np.asarray(frames[row]), decode_target(np.asarray(targets[row]), dtype), self.info)
 
 
 def decode_wds_sample(sample: dict[str, bytes], info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -278,83 +455,32 @@ def _checked(key: str, frames: np.ndarray, target: np.ndarray, info: StoreInfo) 
     return frames, target
 
 
-def _wds_samples(info: StoreInfo, shard: int) -> Iterator[dict[str, bytes]]:
-    """Raw samples of one shard in tar order (bytes only, nothing decoded)."""
+def _tar_samples(info: StoreInfo, shard: int, clip_ids: list[str],
+                 wanted: dict[int, int]) -> Iterator[tuple[int, dict]]:
+    """(position, raw sample) of the wanted rows ({row: position}) of one shard, read front to back up
+    to the last of them (bytes only, nothing decoded). Every sample read has its key checked against
+    the index; a shard read to its last row is checked to hold no more clips than the index lists."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    url = info.shard_url(shard)
-    if url is None:
-        raise StoreContentError(f"{info.root}: shard {info.shards[shard]} is in the index but has no tar")
+    url, n = info.shard_url(shard), len(clip_ids)
+    last = max(wanted)
+    row = -1
     with info.local_store().fs.open(url, "rb") as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-
-
-def _read_positions(info: StoreInfo, rows: np.ndarray, needed: np.ndarray) -> Iterator[tuple[int, dict | None]]:
-    """(position, raw sample or None when not needed) for every position of a stream, in order.
-    Each sample's key is checked against the index row it should be; a shard read to its last
-    row is checked to hold no more clips than the index says."""
-    pos = 0
-    while pos < len(rows):
-        shard = int(rows[pos, 0])
-        end = pos
-        while end < len(rows) and rows[end, 0] == shard and (end == pos or rows[end, 1] > rows[end - 1, 1]):
-            end += 1
-        if not needed[pos:end].any():
-            for p in range(pos, end):
-                yield p, None
-            pos = end
-            continue
-        wanted = {int(rows[p, 1]): p for p in range(pos, end)}
-        last = max(wanted)
-        to_end = last == info.counts[shard] - 1
-        row = -1
-        samples = _wds_samples(info, shard)
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         try:
             for row, sample in enumerate(samples):
-                if row >= info.counts[shard]:
-                    raise StoreContentError(f"{info.shard_url(shard)}: more clips than the {info.counts[shard]} "
-                                            "the index lists")
-                if sample["__key__"] != info.clip_ids[shard][row]:
-                    raise StoreContentError(f"{info.shard_url(shard)} row {row}: key {sample['__key__']!r}, index "
-                                            f"says {info.clip_ids[shard][row]!r}")
-                p = wanted.get(row)
-                if p is not None:
-                    yield p, sample if needed[p] else None
-                if row == last and not to_end:
+                if row >= n:
+                    raise StoreContentError(f"{url}: more clips than the {n} the index lists")
+                if sample["__key__"] != clip_ids[row]:
+                    raise StoreContentError(f"{url} row {row}: key {sample['__key__']!r}, index says {clip_ids[row]!r}")
+                if row in wanted:
+                    yield wanted[row], sample
+                if row == last and last < n - 1:
                     break
         finally:
             samples.close()     # the tar stream, now rather than at garbage collection
-        if row < last:
-            raise StoreContentError(f"{info.shard_url(shard)}: {row + 1} clips, the index lists {info.counts[shard]}")
-        pos = end
-
-
-class _Zarr:
-    """Per-shard Zarr arrays, opened once per loader worker; the stored clip ids are checked
-    against the index when a shard is opened."""
-
-    def __init__(self, info: StoreInfo):
-        self.info = info
-        self.shards: dict[int, tuple[Any, Any, str]] = {}
-
-    def _open(self, shard: int) -> tuple[Any, Any, str]:
-        if shard not in self.shards:
-            g = self.info.local_store().zarr_group(self.info.shards[shard])
-            ids = [str(c) for c in np.asarray(g["clip_id"][:])]
-            if ids != self.info.clip_ids[shard]:
-                bad = next((i for i, (a, b) in enumerate(zip(ids, self.info.clip_ids[shard])) if a != b), len(ids))
-                raise StoreContentError(f"zarr shard {self.info.shards[shard]}: {len(ids)} clips, the index lists "
-                                        f"{self.info.counts[shard]}; first difference at row {bad}")
-            targets = g["targets"]
-            self.shards[shard] = (g["frames"], targets, targets.attrs.get("dtype", self.info.target_dtype))
-        return self.shards[shard]
-
-    def read(self, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline.store import decode_target
-
-        frames, targets, dtype = self._open(shard)
-        target = decode_target(np.asarray(targets[row]), dtype)
-        return _checked(self.info.clip_ids[shard][row], np.asarray(frames[row]), target, self.info)
+    if row < last:
+        raise StoreContentError(f"{url}: {row + 1} clips, the index lists {n}")
 
 
 def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: float) -> np.ndarray:
@@ -389,18 +515,16 @@ class ClipStream(IterableDataset):
     """One epoch of one rank's batches, starting at batch `start`; see the module docstring."""
 
     def __init__(self, info: StoreInfo, plan: EpochPlan, *, fmt: str, rank: int, start: int = 0,
-                 seed: int = 0, epoch: int = 0, augment: float = 0.0):
-        self.info, self.plan, self.fmt, self.rank, self.start = info, plan, fmt, rank, start
-        self.seed, self.epoch, self.augment = seed, epoch, augment
+                 augment: float = 0.0):
+        self.info, self.plan, self.fmt, self.rank, self.start, self.augment = info, plan, fmt, rank, start, augment
 
     def __len__(self) -> int:
         return self.plan.batches_per_rank - self.start
 
-    def _item(self, stream: int, position: int, key_rows: tuple[int, int], frames, target):
-        shard, row = key_rows
-        jitter = (jitter_factors(self.seed, self.epoch, stream, position, self.augment)
+    def _item(self, stream: int, position: int, key: str, frames: np.ndarray, target: np.ndarray):
+        jitter = (jitter_factors(self.plan.seed, self.plan.epoch, stream, position, self.augment)
                   if self.augment > 0 else None)
-        return self.info.clip_ids[shard][row], frames, target, jitter
+        return key, frames, target, jitter
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wi = get_worker_info()
@@ -412,14 +536,12 @@ class ClipStream(IterableDataset):
             yield from self._wds_batches(mine, workers)
 
     def _zarr_batches(self, batches: range) -> Iterator[dict[str, Any]]:
-        z = _Zarr(self.info)
+        shards = _Shards(self.info, self.plan.rows, zarr=True)
         for b in batches:
             stream, first = rank_batches(self.plan, self.rank, b)
-            items = []
-            for p in range(first, min(first + self.plan.batch_size, self.plan.rows.shape[1])):
-                shard, row = (int(v) for v in self.plan.rows[stream, p])
-                items.append(self._item(stream, int(p), (shard, row), *z.read(shard, row)))
-            yield _collate(items)
+            positions = np.arange(first, min(first + self.plan.batch_size, self.plan.length))
+            yield _collate([self._item(stream, int(p), *shards.read_zarr(int(s), int(k)))
+                            for p, s, k in zip(positions, *self.plan.locate(stream, positions))])
 
     def _wds_batches(self, batches: range, workers: int) -> Iterator[dict[str, Any]]:
         if not len(batches):
@@ -428,27 +550,32 @@ class ClipStream(IterableDataset):
             raise ValueError(f"the epoch was planned for {self.plan.streams_per_rank} loader workers, "
                              f"the DataLoader has {workers}")
         stream, first = rank_batches(self.plan, self.rank, batches[0])
-        rows, order = self.plan.rows[stream], self.plan.order(stream)
-        needed = np.zeros(len(rows), dtype=bool)
-        needed[order[first:]] = True
-        source = _read_positions(self.info, rows, needed)
+        order = self.plan.order(stream)
+        order.skip(first)           # a resumed stream: the buffer's draws replayed, no data read
+        source = self._wds_source(stream, set(order.buffer), order.fed)
         held: dict[int, dict] = {}
-        items = []
-        for j in range(first, len(order)):
-            p = int(order[j])
-            while p not in held:
-                q, sample = next(source)
-                if sample is not None:
+        while positions := order.take(self.plan.batch_size):
+            items = []
+            for p in positions:
+                while p not in held:
+                    q, sample = next(source)
                     held[q] = sample
-            sample = held.pop(p)
-            items.append(self._item(stream, p, tuple(int(v) for v in rows[p]), *decode_wds_sample(sample, self.info)))
-            if len(items) == self.plan.batch_size:
-                yield _collate(items)
-                items = []
-        if items:
+                sample = held.pop(p)
+                items.append(self._item(stream, p, sample["__key__"], *decode_wds_sample(sample, self.info)))
             yield _collate(items)
         for _ in source:    # finish the stream, so its last shard's clip count is checked too
             pass
+
+    def _wds_source(self, stream: int, buffered: set[int], fed: int) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) of every position the stream still outputs (those in the shuffle
+        buffer, and from `fed` on), in read order. Shards before the first of them are not opened."""
+        shards = _Shards(self.info, self.plan.rows)
+        for p0, shard, k0, n in self.plan.segments(stream, min(buffered, default=fed)):
+            wanted = [p for p in range(p0, p0 + n) if p >= fed or p in buffered]
+            if wanted:
+                opened = shards.open(shard)
+                yield from _tar_samples(self.info, shard, opened.clip_ids,
+                                        {int(opened.rows[k0 + p - p0]): p for p in wanted})
 
 
 class TrainData:
@@ -456,39 +583,39 @@ class TrainData:
 
     def __init__(self, info: StoreInfo, *, fmt: str = "webdataset", batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 augment: float = 0.0, heldout: Sequence[np.ndarray] | None = None):
+                 augment: float = 0.0, rows: Selection | None = None):
         self.info, self.fmt, self.batch_size, self.seed = info, fmt, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.augment = shuffle_buffer, augment
-        self.keep = [~h for h in heldout] if heldout is not None else None
+        self.rows = rows if rows is not None else Selection(info.counts)
         if fmt not in info.formats:
             raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(info.formats) or 'none'})")
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.info.counts, self.keep, fmt=self.fmt, seed=self.seed, epoch=epoch,
-                          world_size=self.world_size, streams_per_rank=max(1, self.num_workers),
-                          batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer)
+        return plan_epoch(self.rows, fmt=self.fmt, seed=self.seed, epoch=epoch, world_size=self.world_size,
+                          streams_per_rank=max(1, self.num_workers), batch_size=self.batch_size,
+                          shuffle_buffer=self.shuffle_buffer)
 
     def batches_per_epoch(self) -> int:
         return self.plan(0).batches_per_rank
 
     def epoch(self, epoch: int, start: int = 0) -> DataLoader:
-        ds = ClipStream(self.info, self.plan(epoch), fmt=self.fmt, rank=self.rank, start=start,
-                        seed=self.seed, epoch=epoch, augment=self.augment)
+        ds = ClipStream(self.info, self.plan(epoch), fmt=self.fmt, rank=self.rank, start=start, augment=self.augment)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
 
 
 def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
-                 heldout: Sequence[np.ndarray] | None = None) -> DataLoader:
-    """The held-out clips (or a whole second store), each once, in store order, without augmentation."""
-    keep = heldout if heldout is not None else [np.ones(c, dtype=bool) for c in info.counts]
-    seq = np.array([(s, r) for s in range(len(keep)) for r in np.flatnonzero(keep[s])], dtype=np.int64).reshape(-1, 2)
-    if len(seq) == 0:
+                 rows: Selection | None = None) -> DataLoader:
+    """The selected clips (default: the whole store), each once, in store order, without augmentation."""
+    rows = rows if rows is not None else Selection(info.counts)
+    ends = np.cumsum(rows.counts)
+    if not len(ends) or ends[-1] == 0:
         raise StoreContentError(f"{info.root}: no clips to evaluate")
     # One stream whose length is not a multiple of the batch: the last batch is short, so no
     # clip is counted twice.
-    plan = EpochPlan(rows=seq[None], batch_size=batch_size, streams_per_rank=1)
+    plan = EpochPlan(rows=rows, shard_order=np.arange(len(ends)), ends=ends, length=int(ends[-1]),
+                     batch_size=batch_size, streams_per_rank=1)
     return DataLoader(ClipStream(info, plan, fmt=fmt, rank=0), batch_size=None, num_workers=0)
 
 

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from pipeline.config import parse_config, to_dict
 from student import checkpoint
-from student.data import (FORMATS, StoreInfo, TrainData, check_store_matches, eval_batches, heldout_mask,
-                          jitter_frames, read_store, synthetic_batches)
+from student.data import (FORMATS, Selection, StoreInfo, TrainData, check_store_matches, eval_batches,
+                          heldout_split, jitter_frames, read_store, synthetic_batches)
 from student.evaluate import evaluate
 from student.loss import LOSSES, distill_loss
 from student.metrics import MetricsLog, StepTimer, drop_after
@@ -60,7 +60,8 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata={"help": "loader worker processes per rank"})
     seed: int = 0
     eval_data: Optional[str] = field(default=None, metadata={"help": "a second store to evaluate on"})
-    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of videos for evaluation"})
+    eval_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this fraction of videos for evaluation: 0 or one of pipeline.store.HELDOUT_LEVELS"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: Optional[int] = field(default=None, metadata={"help": "cap on evaluation batches"})
     checkpoint_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0: never)"})
@@ -108,11 +109,13 @@ SCHEDULE_FIELDS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
 
 
 def store_identity(info: StoreInfo) -> dict[str, Any]:
-    return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": sum(info.counts)}
+    return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": int(info.counts.sum())}
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Fail before any data is read or any process group is made."""
+    from pipeline.store import HELDOUT_LEVELS
+
     problems = []
     if cfg.loss not in LOSSES:
         problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
@@ -124,8 +127,9 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("--init-from and --init-from-teacher exclude each other")
     if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.num_workers < 0:
         problems.append("--batch-size and --max-steps must be >= 1, --num-workers >= 0")
-    if not 0 <= cfg.eval_fraction < 1:
-        problems.append(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_fraction != 0 and cfg.eval_fraction not in HELDOUT_LEVELS:   # the levels the manifest counts
+        problems.append(f"--eval-fraction must be 0 or one of {', '.join(map(str, HELDOUT_LEVELS))}, "
+                        f"got {cfg.eval_fraction}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -298,7 +302,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
     info = read_store(cfg.data)
-    heldout = heldout_mask(info, cfg.eval_fraction) if cfg.eval_fraction > 0 else None
+    rows, heldout = heldout_split(info, cfg.eval_fraction) if cfg.eval_fraction > 0 else (Selection(info.counts), None)
     eval_info = read_store(cfg.eval_data) if cfg.eval_data else (info if heldout is not None else None)
 
     trainer = Trainer(cfg, info, env)
@@ -306,7 +310,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         check_store_matches(trainer.module.config, eval_info)
     data = TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
                      world_size=env.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                     augment=cfg.augment, heldout=heldout)
+                     augment=cfg.augment, rows=rows)
 
     per_epoch = data.batches_per_epoch()
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -342,7 +346,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         result: dict[str, Any] = {}
         if env.main and eval_info is not None:
             batches = eval_batches(eval_info, batch_size=cfg.batch_size, fmt=cfg.format,
-                                   heldout=heldout if eval_info is info else None)
+                                   rows=heldout if eval_info is info else None)
             result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
                               target_std=trainer.std, device=env.device, autocast=trainer.autocast,
                               max_batches=cfg.eval_batches)

@@ -127,6 +127,12 @@ def test_ddp_two_gloo_processes_and_their_exact_resume(store_root, tmp_path):
         assert (a / f"samples-rank{r}.jsonl").read_text() == (b / f"samples-rank{r}.jsonl").read_text()
 
 
+def test_eval_fraction_must_be_a_level_the_manifest_counts(store_root, tmp_path):
+    with pytest.raises(ValueError, match=r"--eval-fraction must be 0 or one of 0.001, .*, 0.5, got 0.3"):
+        train(_cfg(store_root, tmp_path / "run", "--max-steps", "2", "--eval-fraction", "0.3"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_store_that_does_not_fit_the_model_fails_at_start(store_root, tmp_path):
     other = student.config_for_store("tiny", json.loads((Path(store_root) / "store.json").read_text()))
     other.target_dim, other.target_mean, other.target_std = D + 8, None, None

@@ -52,7 +52,7 @@ def test_ray_train_runs_the_same_loop(extracted_store, tmp_path):
     from jobs.train_student import main
 
     out = tmp_path / "run"
-    clips = set(open_store(extracted_store).index.column("clip_id").to_pylist())
+    clips = set(open_store(extracted_store).read_index(["clip_id"]).column("clip_id").to_pylist())
     steps = -(-len(clips) // 4) + 1          # all of epoch 0 (2 ranks x 2 clips a step), one step into epoch 1
     main(["--data", extracted_store, "--output", str(out), "--preset", "tiny", "--batch-size", "2",
           "--max-steps", str(steps), "--ray-workers", "2", "--num-workers", "0", "--log-every", "1",
