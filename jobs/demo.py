@@ -6,6 +6,7 @@
 2. a tiny random InternVL teacher saved like a real checkpoint;
 3. `jobs.extract`: a local Ray job writes the WebDataset + Zarr store of compressed teacher tokens;
 4. `student.train`: the tiny student learns those tokens from the store (CTD);
+   `jobs.inspect` writes report.html: the store's clips, their tokens and the student's predictions;
 5. `lma.finetune`: LoRA on a tiny random LLM so it reads the student's tokens (LMA);
 6. `lma.generate`: a question about a video, with the time spent in each stage.
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete --output first (else the store resumes)")
     args = parser.parse_args(argv)
 
-    from jobs import extract
+    from jobs import extract, inspect
     from lma import finetune, generate
     from lma.testing import make_tiny_llm
     from pipeline.testing import make_tiny_teacher
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-steps", str(args.steps), "--warmup-steps", "3", "--batch-size", "4", "--lr", "3e-3",
         "--num-workers", "0", "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps)])
 
+    step("look at the store and the student (HTML report)", inspect.main, [
+        str(out / "store"), "--student", str(out / "student"), "--html", str(out / "report.html")])
+
     records = out / "lma.jsonl"
     with records.open("w") as f:
         for i, video in enumerate(videos):
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     step("ask the video a question", generate.main, [
         "--model", str(out / "lma"), "--video", str(videos[0]), "--question", QUESTIONS[0][0],
         "--frames", "16", "--max-new-tokens", "12"])
-    print(f"\nDone. Store: {out / 'store'}  student: {out / 'student'}  Video LLM: {out / 'lma'}")
+    print(f"\nDone. Store: {out / 'store'} (report: {out / 'report.html'})  student: {out / 'student'}  "
+          f"Video LLM: {out / 'lma'}")
     return 0
 
 
