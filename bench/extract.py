@@ -4,11 +4,14 @@
     python bench/extract.py --shape tiny --parts teacher,pipeline,decode,ray    # CPU smoke run / part (4)
 
 Parts (--parts):
-  matmul    the device's measured bf16 matmul rate (8192^3, random data), the ceiling for `teacher`.
+  matmul    the device's measured bf16 matmul rate (8192^3, random data), the ceiling for `teacher`;
+            on FP8 GPUs also the rate of pipeline.fp8's GEMM (e4m3, row-wise scales), the FP8 ceiling.
   teacher   Teacher.encode on frames already on the device: frames/s, clips/s, TFLOP/s from the ViT's
             FLOPs counted analytically, % of the measured matmul rate; per variant (eager SDPA,
-            torch.compile, compile + CUDA graphs) and frames per forward. Each variant's output is
-            compared with eager's (and eager bf16 with float32) on the same frames.
+            torch.compile, compile + CUDA graphs; '-fp8': the teacher's dtype "float8", FP8 block
+            linears, skipped with a note where the device has no FP8 matmuls) and frames per forward.
+            Each variant's tokens and WAP targets are compared with eager bf16's (relative error,
+            cosine) on the same frames, and eager bf16 with float32.
   pipeline  pipeline.stages.TeacherStage (teacher + WAP + float16 targets back on the host, built as
             jobs.extract builds it: variant 'compile' = --teacher-compile) over clips
             decoded ahead into host memory, as the Ray actor gets them; efficiency = its clips/s over
@@ -35,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,25 +46,45 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.compress import Compression  # noqa: E402
+from pipeline.compress import Compression, compress_tokens  # noqa: E402
 from pipeline.config import parse_config, to_dict  # noqa: E402
+from pipeline.fp8 import fp8_unsupported_reason, quantize_rows  # noqa: E402
+from pipeline.teacher import FLOAT8  # noqa: E402
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       image_size=448, patch_size=14)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=112,
             patch_size=14)
-def variant_options(variant: str) -> tuple[dict | None, tuple[str, ...]]:
-    """'eager' | 'compile' | 'compile-cudagraphs', each optionally '-cudnn' (cuDNN SDPA first)
-    -> (torch.compile kwargs or None, attention backends). Static shapes: one graph per batch size.
-    '-static' matters in the pipeline/decode parts only: see `_stage`."""
+
+
+class Variant(NamedTuple):
+    compile_kw: dict | None          # torch.compile kwargs; None = eager
+    attention: tuple[str, ...]       # SDPA backends by priority; () = torch's choice
+    dtype: str | None                # the teacher's dtype: "float8", or None = bf16 on GPU, float32 on CPU
+
+
+def variant_options(variant: str) -> Variant:
+    """'eager' | 'compile' | 'compile-cudagraphs', each optionally '-cudnn' (cuDNN SDPA first) and
+    '-fp8' (FP8 block linears). Static shapes: one graph per batch size. '-static' matters in the
+    pipeline/decode parts only: see `_stage`."""
     words = variant.split("-")
-    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn", "static"}
+    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn", "static", "fp8"}
     if unknown or words[0] not in ("eager", "compile"):
         raise ValueError(f"unknown variant {variant!r}")
     compile_kw = None
     if words[0] == "compile":
         compile_kw = {"dynamic": False, **({"mode": "reduce-overhead"} if "cudagraphs" in words else {})}
-    return compile_kw, (("cudnn", "flash", "efficient") if "cudnn" in words else ())
+    return Variant(compile_kw, ("cudnn", "flash", "efficient") if "cudnn" in words else (),
+                   FLOAT8 if "fp8" in words else None)
+
+
+def _skipped(part: str, variant: str, device: torch.device) -> dict | None:
+    """A row saying why `variant` cannot run here (FP8 without FP8 matmuls), printed as a note; None if it can."""
+    reason = fp8_unsupported_reason(device) if variant_options(variant).dtype == FLOAT8 else None
+    if reason is None:
+        return None
+    print(f"{part} variant {variant}: skipped: {reason}", flush=True)
+    return {"part": part, "variant": variant, "skipped": reason}
 
 
 @dataclass
@@ -72,15 +95,15 @@ class BenchConfig:
                                    metadata={"help": "matmul,teacher,pipeline,decode,ray"})
     shape: str = field(default="internvit-300m", metadata={"help": "internvit-300m | tiny"})
     device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
-    variants: tuple[str, ...] = field(default=("eager", "compile"),
-                                      metadata={"help": "eager|compile|compile-cudagraphs, each with optional -cudnn"})
+    variants: tuple[str, ...] = field(default=("eager", "compile", "compile-fp8"), metadata={
+        "help": "eager|compile|compile-cudagraphs, each with optional -cudnn and -fp8 (skipped without FP8)"})
     frames_per_forward: tuple[int, ...] = field(default=(64, 128, 256), metadata={"help": "teacher batch sizes"})
     compile_frames_per_forward: tuple[int, ...] = field(default=(256,),
                                                         metadata={"help": "batch sizes for compiled variants"})
     clip_frames: int = field(default=4, metadata={"help": "frames per clip"})
     seconds: float = field(default=6.0, metadata={"help": "timed seconds per measurement"})
     pipeline_variants: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "variants for pipeline/decode parts (default: --variants); decode uses the last"})
+        "help": "variants for pipeline/decode parts (default: --variants without -fp8 ones); decode uses the last"})
     pipeline_frames: int = field(default=256, metadata={"help": "frames per stage batch in pipeline/decode parts"})
     pipeline_threads: tuple[int, ...] = field(default=(1, 2), metadata={"help": "concurrent stage calls"})
     pipeline_chunk_frames: tuple[int, ...] = field(default=(256, 64),
@@ -126,23 +149,36 @@ def vit_flops_per_frame(cfg: dict, tokens: int) -> float:
     return 2 * patches * (3 * p * p) * d + layers * per_layer
 
 
-def matmul_tflops(device: torch.device, seconds: float, shape: tuple[int, int, int] = (8192, 8192, 8192)) -> dict:
-    """bf16 (GPU) / fp32 (CPU) matmul rate on random data: 20 back-to-back products per timed call."""
+def matmul_tflops(device: torch.device, seconds: float, shape: tuple[int, int, int] = (8192, 8192, 8192),
+                  fp8: bool = False) -> dict:
+    """bf16 (GPU) / fp32 (CPU) matmul rate on random data: 20 back-to-back products per timed call.
+    fp8: the GEMM of pipeline.fp8 instead (e4m3 operands, row-wise scales, bf16 out, float32 accumulation
+    as the FP8 teacher runs it)."""
     m, k, n = shape if device.type == "cuda" else (1024, 1024, 1024)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    c = torch.empty(m, n, device=device, dtype=dtype)
+    if fp8:
+        (a, scale_a), (b, scale_b) = (quantize_rows(torch.randn(r, k, device=device)) for r in (m, n))
+        b, scale_b = b.t(), scale_b.t().contiguous()     # column-major [K, N] and [1, N], as FP8Linear passes them
+
+        def product():
+            torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+    else:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        c = torch.empty(m, n, device=device, dtype=dtype)
+
+        def product():
+            torch.matmul(a, b, out=c)
 
     def run():
         for _ in range(20):
-            torch.matmul(a, b, out=c)
+            product()
 
     warm = time.perf_counter()
     while time.perf_counter() - warm < 1.0:   # clocks up from idle
         run()
         _sync(device)
     sec, iters = _time_loop(run, device, seconds)
-    return {"shape": [m, k, n], "dtype": str(dtype).removeprefix("torch."),
+    return {"shape": [m, k, n], "dtype": str(a.dtype).removeprefix("torch."),
             "tflops": 20 * 2 * m * k * n / sec / 1e12, "iters": iters}
 
 
@@ -177,10 +213,11 @@ def make_teacher_dir(directory: Path, shape: dict, device: torch.device) -> Path
 def _load_teacher(path: Path, device: torch.device, variant: str, fpf: int):
     from pipeline.teacher import Teacher
 
-    compile_kw, attention = variant_options(variant)
-    teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf, attention_backends=attention)
-    if compile_kw is not None:
-        teacher.compile_tokens(**compile_kw)
+    options = variant_options(variant)
+    teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf, attention_backends=options.attention,
+                                      dtype=options.dtype)
+    if options.compile_kw is not None:
+        teacher.compile_tokens(**options.compile_kw)
     return teacher
 
 
@@ -188,8 +225,23 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm((a.double() - b.double())) / torch.linalg.vector_norm(b.double()))
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _accuracy(tokens: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Tokens [B, T, h, w, D] against eager's on the same frames, and the same for their WAP targets
+    (windows of all T frames x 2 x 2 tokens: the stored values)."""
+    wap = Compression(method="wap", factors=(tokens.shape[1], 2, 2))
+    target, ref_target = compress_tokens(tokens, wap), compress_tokens(ref, wap)
+    return {"rel_err_vs_eager": _rel_err(tokens, ref), "cos_vs_eager": _cos(tokens, ref),
+            "target_rel_err_vs_eager": _rel_err(target, ref_target), "target_cos_vs_eager": _cos(target, ref_target)}
+
+
 # ------------------------------------------------------------------------------------------ parts
-def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, matmul: float | None) -> list:
+def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, matmul: float | None,
+                 fp8_matmul: float | None) -> list:
+    """`matmul`, `fp8_matmul`: the measured TFLOP/s ceilings, from part `matmul` if it ran."""
     from pipeline.teacher import Teacher
 
     rows = []
@@ -206,10 +258,13 @@ def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device
         bf16_vs_fp32 = _rel_err(eager.encode(check), fp32.encode(check))
         del fp32
     for variant in cfg.variants:
+        if skipped := _skipped("teacher", variant, device):
+            rows.append(skipped)
+            continue
         try:
             with torch.inference_mode():   # as TeacherStage runs it: the fair denominator of efficiency
-                rows += _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops,
-                                         bf16_vs_fp32)
+                rows += _teacher_variant(cfg, path, shape, device, (matmul, fp8_matmul), eager, variant, gen, seq,
+                                         flops, bf16_vs_fp32)
         except Exception as e:  # e.g. a compile mode this torch/GPU lacks: report, go on with the others
             print(f"teacher variant {variant}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"part": "teacher", "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
@@ -218,12 +273,14 @@ def part_teacher(cfg: BenchConfig, path: Path, shape: dict, device: torch.device
     return rows
 
 
-def _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq, flops, bf16_vs_fp32) -> list:
+def _teacher_variant(cfg, path, shape, device, ceilings, eager, variant, gen, seq, flops, bf16_vs_fp32) -> list:
     """One variant at each of its batch sizes; eager is also the reference for the others' outputs."""
     rows = []
     size, cfr = shape["image_size"], cfg.clip_frames
     teacher = eager if variant == "eager" else _load_teacher(path, device, variant, 0)
-    sizes = cfg.frames_per_forward if variant_options(variant)[0] is None else cfg.compile_frames_per_forward
+    options = variant_options(variant)
+    sizes = cfg.frames_per_forward if options.compile_kw is None else cfg.compile_frames_per_forward
+    matmul, fp8_matmul = ceilings
     for fpf in sizes:
         teacher.batch_size = eager.batch_size = fpf
         sets = [torch.randint(0, 256, (fpf // cfr, cfr, size, size, 3), dtype=torch.uint8, device=device,
@@ -231,7 +288,7 @@ def _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq,
         t0 = time.perf_counter()
         out = teacher.encode(sets[0])      # warm-up (and compilation for this shape)
         first_call = time.perf_counter() - t0
-        err = _rel_err(out, eager.encode(sets[0])) if teacher is not eager else 0.0
+        accuracy = _accuracy(out, eager.encode(sets[0]))
         del out
         teacher.encode(sets[1])
         it = iter(range(1 << 30))
@@ -240,8 +297,9 @@ def _teacher_variant(cfg, path, shape, device, matmul, eager, variant, gen, seq,
         tflops = fps * flops / 1e12
         rows.append({"part": "teacher", "variant": variant, "frames_per_forward": fpf, "frames_per_s": fps,
                      "clips_per_s": fps / cfr, "tflops": tflops,
-                     "pct_matmul": 100 * tflops / matmul if matmul else None, "iters": iters,
-                     "rel_err_vs_eager": err, "first_call_s": first_call, "tokens_per_frame": seq,
+                     "pct_matmul": 100 * tflops / matmul if matmul else None,
+                     "pct_fp8_matmul": 100 * tflops / fp8_matmul if fp8_matmul and options.dtype == FLOAT8 else None,
+                     "iters": iters, **accuracy, "first_call_s": first_call, "tokens_per_frame": seq,
                      "gflop_per_frame": flops / 1e9, "bf16_vs_fp32_rel_err": bf16_vs_fp32})
         print(_row_text(rows[-1]), flush=True)
         del sets
@@ -255,19 +313,19 @@ def _host_batches(n_batches: int, clips: int, cfr: int, size: int) -> list[dict]
 
 
 def _stage(path: Path, device: torch.device, variant: str, fpf: int):
-    """The stage as jobs.extract builds it; plain 'compile' is the job's --teacher-compile (compiled
-    and warmed up in the constructor, then one graph for any batch size). The others compile the
+    """The stage as jobs.extract builds it; plain 'compile' (and 'compile-fp8') is the job's --teacher-compile
+    (compiled and warmed up in the constructor, then one graph for any batch size). The others compile the
     teacher afterwards with static shapes ('compile-static': the same, one graph per batch size)."""
     from pipeline.stages import TeacherStage
 
-    compile_kw, attention = variant_options(variant)
-    as_job = variant == "compile"
+    options = variant_options(variant)
+    as_job = variant.removesuffix("-fp8") == "compile"
     stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
-                         dtype="bfloat16" if device.type == "cuda" else "float32", frames_per_forward=fpf,
-                         compile=as_job)
-    stage.teacher.attention_backends = attention
-    if compile_kw is not None and not as_job:
-        stage.teacher.compile_tokens(**compile_kw)
+                         dtype=options.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+                         frames_per_forward=fpf, compile=as_job)
+    stage.teacher.attention_backends = options.attention
+    if options.compile_kw is not None and not as_job:
+        stage.teacher.compile_tokens(**options.compile_kw)
     return stage
 
 
@@ -278,6 +336,11 @@ def _teacher_rate(rows: list, variant: str, fpf: int) -> float | None:
                  and r["frames_per_forward"] == fpf), None)
 
 
+def _pipeline_variants(cfg: BenchConfig) -> tuple[str, ...]:
+    """--pipeline-variants, else --variants without the FP8 ones (the stage in FP8 is asked for by name)."""
+    return cfg.pipeline_variants or tuple(v for v in cfg.variants if variant_options(v).dtype != FLOAT8)
+
+
 def part_pipeline(cfg: BenchConfig, path: Path, shape: dict, device: torch.device, teacher_rows: list) -> list:
     """TeacherStage over host batches of `pipeline_frames` frames, forwarded in chunks of
     `pipeline_chunk_frames`, called from 1 or more threads at once (a Ray actor's max_concurrency):
@@ -285,7 +348,10 @@ def part_pipeline(cfg: BenchConfig, path: Path, shape: dict, device: torch.devic
     rows = []
     fpf, cfr = cfg.pipeline_frames, cfg.clip_frames
     batches = _host_batches(4, fpf // cfr, cfr, shape["image_size"])
-    for variant in cfg.pipeline_variants or cfg.variants:
+    for variant in _pipeline_variants(cfg):
+        if skipped := _skipped("pipeline", variant, device):
+            rows.append(skipped)
+            continue
         for chunk in cfg.pipeline_chunk_frames:
             stage = _stage(path, device, variant, chunk)
             for b in batches[:2]:
@@ -505,7 +571,9 @@ def part_decode(cfg: BenchConfig, path: Path, shape: dict, device: torch.device,
     jpeg = jpeg_seconds_per_clip(sample)
     rows.append({"part": "jpeg-encode", "workers": 1, "cpu_s_per_clip": jpeg, "clips_per_s": 1 / jpeg})
     print(_row_text(rows[-1]), flush=True)
-    variant = (cfg.pipeline_variants or cfg.variants)[-1]
+    variant = _pipeline_variants(cfg)[-1]
+    if skipped := _skipped("decode+teacher", variant, device):
+        return rows + [skipped]
     chunk = min(cfg.pipeline_chunk_frames)
     stage = _stage(path, device, variant, chunk)
     for b in _host_batches(2, fpf // cfr, cfr, size):
@@ -598,18 +666,22 @@ def markdown(result: dict) -> str:
         lines.append(f"measured {m['dtype']} matmul {'x'.join(map(str, m['shape']))}: {m['tflops']:.3g} TFLOP/s")
     if result.get("matmul_end"):
         lines.append(f"same, after all parts: {result['matmul_end']['tflops']:.3g} TFLOP/s")
-    if result.get("matmul_teacher_gemm"):
-        g = result["matmul_teacher_gemm"]
-        lines.append(f"teacher-shaped GEMM {'x'.join(map(str, g['shape']))}: {g['tflops']:.3g} TFLOP/s")
+    for key, what in (("matmul_teacher_gemm", "teacher-shaped GEMM"), ("matmul_fp8", "FP8 GEMM (pipeline.fp8)"),
+                      ("matmul_fp8_teacher_gemm", "teacher-shaped FP8 GEMM")):
+        if result.get(key):
+            g = result[key]
+            lines.append(f"{what} {'x'.join(map(str, g['shape']))}: {g['tflops']:.3g} TFLOP/s")
     if result.get("h2d"):
         h = result["h2d"]
         lines.append(f"host->GPU copy of {h['bytes'] / 1e6:.0f} MB: pageable {h['pageable_gb_s']:.3g} GB/s, "
                      f"pinned {h['pinned_gb_s']:.3g} GB/s")
     for name, why in result.get("failed", {}).items():
         lines.append(f"part {name} FAILED: {why}")
+    lines += [f"{r['part']} variant {r['variant']} skipped: {r['skipped']}" for r in result["rows"] if "skipped" in r]
     cols = {
         "teacher": ["variant", "frames_per_forward", "frames_per_s", "clips_per_s", "tflops", "pct_matmul",
-                    "rel_err_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
+                    "pct_fp8_matmul", "rel_err_vs_eager", "cos_vs_eager", "target_rel_err_vs_eager",
+                    "target_cos_vs_eager", "bf16_vs_fp32_rel_err", "first_call_s"],
         "stage-breakdown": ["variant", "frames_per_forward", "encode_from_host_s", "encode_from_device_s",
                             "compress_s", "to_host_f32_s", "encode_target_cpu_s", "to_host_f16_on_gpu_s",
                             "stored_target_s"],
@@ -624,7 +696,7 @@ def markdown(result: dict) -> str:
                          "local_wall_s"],
     }
     for part, names in cols.items():
-        rows = [r for r in result["rows"] if r["part"] == part]
+        rows = [r for r in result["rows"] if r["part"] == part and "skipped" not in r]
         if not rows:
             continue
         lines += ["", f"**{part}**", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
@@ -644,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": []}
     if device.type == "cuda":
         result["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
-    matmul = None
+    matmul = fp8_matmul = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "matmul" in cfg.parts:
@@ -659,9 +731,16 @@ def main(argv: list[str] | None = None) -> dict:
                 result["h2d"] = host_to_device(device, cfg.pipeline_frames, shape["image_size"], 2.0)
                 print(f"teacher GEMM: {result['matmul_teacher_gemm']['tflops']:.1f} TFLOP/s; "
                       f"H2D: {result['h2d']}", flush=True)
+                if fp8_unsupported_reason(device) is None:
+                    result["matmul_fp8"] = matmul_tflops(device, min(cfg.seconds, 3.0), fp8=True)
+                    fp8_matmul = result["matmul_fp8"]["tflops"]
+                    result["matmul_fp8_teacher_gemm"] = matmul_tflops(
+                        device, 2.0, (tokens, shape["hidden_size"], shape["intermediate_size"]), fp8=True)
+                    print(f"FP8 GEMM: {fp8_matmul:.1f} TFLOP/s, teacher-shaped "
+                          f"{result['matmul_fp8_teacher_gemm']['tflops']:.1f}", flush=True)
         need_model = {"teacher", "pipeline", "decode"} & set(cfg.parts)
         path = make_teacher_dir(work / "teacher", shape, device) if need_model else None
-        parts = {"teacher": lambda: part_teacher(cfg, path, shape, device, matmul),
+        parts = {"teacher": lambda: part_teacher(cfg, path, shape, device, matmul, fp8_matmul),
                  "pipeline": lambda: part_pipeline(cfg, path, shape, device, result["rows"]),
                  "decode": lambda: part_decode(cfg, path, shape, device, result["rows"]),
                  "ray": lambda: part_ray(cfg, work)}

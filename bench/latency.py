@@ -8,6 +8,11 @@ LiteFrame: the student (`vitb` preset, 64 tokens per 4-frame clip) + `lma.VideoP
     python bench/latency.py                 # on a GPU: bf16, SDPA, CUDA events after warm-up
     python bench/latency.py --tiny          # CPU smoke run with tiny shapes (numbers mean nothing)
 
+ViT paths: eager, compiled (torch.compile; the student through `student.FastEncoder`) and, on GPUs
+with FP8 (compute capability 8.9+), compiled-fp8: both ViTs' transformer-block linears as FP8
+matmuls (`pipeline.fp8`, the same treatment for the student and the baseline), bf16 elsewhere. An
+FP8 row also gives the cosine of its ViT output against the compiled bf16 path on the same input.
+
 Text tokens per row: a prompt of --prompt-tokens plus --marker-tokens per frame (baseline,
 InternVL's "Frame i:") or per clip (LiteFrame's "<t=..s>"), so the LLM sees what it would in use.
 """
@@ -15,6 +20,7 @@ InternVL's "Frame i:") or per clip (LiteFrame's "<t=..s>"), so the LLM sees what
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -26,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lma.modeling import VideoProjector  # noqa: E402
+from pipeline.fp8 import convert_linears, fp8_unsupported_reason, require_fp8  # noqa: E402
+from student.fast import FastEncoder  # noqa: E402
 
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
@@ -33,6 +41,7 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       image_size=448, patch_size=14)
 BASELINE = "InternVL3-8B shape"
+FP8_PATH = "compiled-fp8"
 TINY_LLM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -99,14 +108,31 @@ def prefill(model, visual: torch.Tensor, text_tokens: int) -> torch.Tensor:
     return model.lm_head(out.last_hidden_state[:, -1:])
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
 class Bench:
     """Rows of the table. Projector and prefill depend only on the token count, so they are timed
-    once per (model, frames) and shared by the eager and compiled ViT rows."""
+    once per (model, frames) and shared by every ViT path's rows. Inputs are seeded per frame count,
+    so every path sees the same frames and the FP8 path's output is compared with compiled bf16's."""
 
     def __init__(self, model, student, projector, timer: Timer, args, device, dtype):
         self.model, self.student, self.projector = model, student, projector
         self.timer, self.args, self.device, self.dtype = timer, args, device, dtype
         self.after_vit: dict[tuple[str, int], dict] = {}
+        self.bf16_out: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _row(self, name: str, path: str, frames: int, vit_ms: float, out: torch.Tensor, rest: dict) -> dict:
+        row = {"model": name, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
+        if path == "compiled":
+            self.bf16_out[(name, frames)] = out
+        elif path == FP8_PATH and (name, frames) in self.bf16_out:
+            row["vit_cos_vs_compiled_bf16"] = cosine(out, self.bf16_out[(name, frames)])
+        return row
+
+    def _generator(self, frames: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(frames)
 
     def _after_vit(self, key, project, units: int) -> dict:
         if key not in self.after_vit:
@@ -122,7 +148,8 @@ class Bench:
         model = self.model
         size = model.config.vision_config.image_size
         size = size[0] if isinstance(size, (list, tuple)) else size
-        pixels = torch.randn(frames, 3, size, size, device=self.device, dtype=self.dtype)
+        pixels = torch.randn(frames, 3, size, size, device=self.device, dtype=self.dtype,
+                             generator=self._generator(frames))
         vit_ms, feats = self.timer(lambda: tower(pixel_values=pixels).last_hidden_state)
 
         def project():
@@ -132,37 +159,38 @@ class Bench:
             return model.model.multi_modal_projector(x.reshape(frames, -1, x.shape[-1]))
 
         rest = self._after_vit((BASELINE, frames), project, frames)   # a marker per frame
-        return {"model": BASELINE, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
+        return self._row(BASELINE, path, frames, vit_ms, feats, rest)
 
     @torch.inference_mode()
     def student_row(self, path: str, encode, frames: int) -> dict:
         video = torch.randint(0, 256, (frames, *self.student.config.image_hw, 3), dtype=torch.uint8,
-                              device=self.device)
+                              device=self.device, generator=self._generator(frames))
         vit_ms, tokens = self.timer(lambda: encode(video, chunk_frames=self.args.chunk_frames))
         name = f"LiteFrame student ({self.args.student_preset})"
         rest = self._after_vit((name, frames), lambda: self.projector(tokens.to(self.dtype)),
                                tokens.shape[0])                        # a marker per clip
-        return {"model": name, "vit": path, "frames": frames, "vit_ms": vit_ms, **rest}
+        return self._row(name, path, frames, vit_ms, tokens, rest)
 
 
 def table(rows: list[dict]) -> str:
-    """Ratios against the paper's baseline: InternVL at 32 frames, eager ViT; and against the
-    baseline with the same ViT path (compiled vs compiled), which is the fair comparison."""
+    """Ratios against the paper's baseline as shipped: InternVL at 32 frames, eager bf16 ViT; and
+    against the baseline with the same ViT path (compiled vs compiled, FP8 vs FP8), the fair comparison."""
     def total(r):
         return r["vit_ms"] + r["projector_ms"] + r["prefill_ms"]
 
     base = {r["vit"]: total(r) for r in rows if r["model"] == BASELINE and r["frames"] == 32}
     first = total(rows[0])
     lines = ["| model | ViT path | frames | visual tokens | ViT ms | projector ms | prefill ms | total ms | "
-             "vs baseline 32f eager | vs baseline 32f same path |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "vs baseline 32f eager | vs baseline 32f same path | ViT cos vs compiled bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         r["total_ms"] = total(r)
         r["ratio"] = r["total_ms"] / base.get("eager", first)
         r["ratio_same_path"] = r["total_ms"] / base.get(r["vit"], base.get("eager", first))
+        cos = f"{r['vit_cos_vs_compiled_bf16']:.5f}" if "vit_cos_vs_compiled_bf16" in r else ""
         lines.append(f"| {r['model']} | {r['vit']} | {r['frames']} | {r['visual_tokens']} | {r['vit_ms']:.1f} | "
                      f"{r['projector_ms']:.1f} | {r['prefill_ms']:.1f} | {r['total_ms']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['ratio_same_path']:.2f}x |")
+                     f"{r['ratio_same_path']:.2f}x | {cos} |")
     return "\n".join(lines)
 
 
@@ -181,10 +209,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="start no further ViT path after this many seconds (device leases are short)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile'd ViTs (student.fast.FastEncoder); default: on GPU")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also time the {FP8_PATH} path; default: where the GPU has FP8 matmuls")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    fp8_missing = fp8_unsupported_reason(device)
+    if args.fp8:
+        require_fp8(device)      # asked for explicitly: fail, saying what is needed
+    args.fp8 = fp8_missing is None if args.fp8 is None else args.fp8
+    if not args.fp8:
+        print(f"{FP8_PATH} rows skipped: {fp8_missing or '--no-fp8'}", flush=True)
     torch.manual_seed(0)
     timer = Timer(device, args.warmup, args.reps)
     model = build_internvl(args.tiny, device, dtype)
@@ -195,10 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     projector = VideoProjector(hidden, hidden).to(device, dtype)
     towers, encoders = {"eager": model.model.vision_tower}, {"eager": student.encode_video}
     if args.compile:   # the student's own fast path (frame axis dynamic: one compile for all lengths)
-        from student.fast import FastEncoder
-
         towers["compiled"] = torch.compile(model.model.vision_tower, dynamic=False)
         encoders["compiled"] = FastEncoder(student).encode_video
+    if args.fp8:        # a converted copy: the other paths keep the bf16 tower
+        tower = copy.deepcopy(model.model.vision_tower)
+        convert_linears(tower.encoder.layer, fast_accum=True)    # as FastEncoder(fp8=True) treats the student
+        towers[FP8_PATH] = torch.compile(tower, dynamic=False)
+        encoders[FP8_PATH] = FastEncoder(student, fp8=True).encode_video
     bench = Bench(model, student, projector, timer, args, device, dtype)
     rows: list[dict] = []
     start = time.monotonic()
@@ -219,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
            "attention": {"vit": model.config.vision_config._attn_implementation,
                          "llm": model.config.text_config._attn_implementation},
-           "compiled_student": "student.fast.FastEncoder defaults" if args.compile else None}
+           "compiled_student": "student.fast.FastEncoder defaults" if args.compile else None,
+           "fp8": "pipeline.fp8: e4m3 block linears, per-row scales, fast accumulation" if args.fp8 else fp8_missing}
     print(json.dumps(env))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -60,6 +60,10 @@ class ExtractConfig:
     frames_per_forward: int = field(default=256, metadata={"min": 1, "help": "frames per teacher forward pass"})
     teacher_compile: bool | None = field(default=None, metadata={
         "help": "torch.compile the teacher (compiled in the actor's start-up); default on with CUDA, off on CPU"})
+    teacher_dtype: str = field(default="auto", metadata={
+        "choices": ("auto", "bfloat16", "float32", "float8"),
+        "help": "auto (bfloat16 on GPU, float32 on CPU), or float8: FP8 matmuls in the teacher's blocks, bf16 "
+                "elsewhere (GPUs of compute capability 8.9+); recorded in the store's teacher identity"})
     teacher_concurrency: int = field(default=2, metadata={"min": 1, "max": 16, 
         "help": "calls in flight per teacher actor: one call's frame upload and target copy hide behind the "
                 "other's forward"})
@@ -133,15 +137,22 @@ def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
         formats=cfg.formats)
 
 
+def teacher_precision(cfg: ExtractConfig, use_gpu: bool) -> str:
+    """--teacher-dtype resolved for the actors: auto is bfloat16 on GPU, float32 on CPU; float8 needs GPUs."""
+    if cfg.teacher_dtype == "auto":
+        return "bfloat16" if use_gpu else "float32"
+    if cfg.teacher_dtype == "float8" and not use_gpu:
+        raise ConfigError("--teacher-dtype float8 needs GPU teacher actors (CUDA compute capability 8.9+); "
+                          "this job's teacher runs on CPU")
+    return cfg.teacher_dtype
+
+
 def describe_teacher(cfg: ExtractConfig, dtype: str) -> dict:
-    """The teacher's identity as the actors will load it (same dtype), for store.json."""
+    """The teacher's identity as the actors will load it (same dtype, float8 included), for store.json."""
     from pipeline.teacher import Teacher
 
-    teacher = Teacher.from_pretrained(cfg.teacher, layer=cfg.layer, head=cfg.head, revision=cfg.teacher_revision,
-                                      device="cpu", dtype=dtype, image_size=cfg.teacher_image_size)
-    description = teacher.describe()
-    del teacher
-    return description
+    return Teacher.describe_pretrained(cfg.teacher, dtype=dtype, layer=cfg.layer, head=cfg.head,
+                                       revision=cfg.teacher_revision, image_size=cfg.teacher_image_size)
 
 
 def _datasink(store: StoreWriter, shard_bytes: int, zarr_shard_clips: int):
@@ -236,7 +247,7 @@ def extract(cfg: ExtractConfig) -> dict:
         initialised = connect(cfg.ray_address)
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
-        teacher_dtype = "bfloat16" if use_gpu else "float32"
+        teacher_dtype = teacher_precision(cfg, use_gpu)
         schema = store_schema(cfg, describe_teacher(cfg, teacher_dtype))
         schema["job"] = {"config": to_dict(cfg)}
         store = StoreWriter(cfg.output, schema)

@@ -67,9 +67,11 @@ def coerce(value: Any, tp: Any, name: str = "value") -> Any:
         if origin in (tuple, list):
             args = typing.get_args(tp)
             if isinstance(value, str):
-                # "1-4" and "1,4" both mean a pair; a leading '-' is a sign, not a separator.
-                sep = "," if "," in value or value.count("-") != 1 or value.startswith("-") else "-"
-                value = [v.strip() for v in value.split(sep) if v.strip()]
+                # "1-4" and "1,4" both mean a pair of numbers; a leading '-' is a sign, not a separator,
+                # and a name such as "compile-fp8" keeps its dash.
+                numeric = all(a in (int, float) for a in args if a is not Ellipsis)
+                dash = numeric and value.count("-") == 1 and not value.startswith("-") and "," not in value
+                value = [v.strip() for v in value.split("-" if dash else ",") if v.strip()]
             if origin is tuple and args and args[-1] is not Ellipsis:
                 if len(value) != len(args):
                     raise ValueError(f"expected {len(args)} items, got {len(value)}")

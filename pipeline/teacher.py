@@ -8,6 +8,11 @@ by key prefix, so an 8B checkpoint costs the 300M of its vision tower, not 8B.
 
 `encode` takes uint8 frames and returns the patch-token grid of every frame, float32, with
 CLS/register tokens dropped. Blocks after the chosen layer are removed rather than computed.
+
+`dtype="float8"` is a precision, not a torch dtype: the transformer blocks' linear layers run as FP8
+matmuls (`pipeline.fp8`, exact float32 accumulation: the targets are stored data), bf16 elsewhere
+(embeddings, norms, attention, projector). It needs a CUDA GPU of compute capability 8.9+, and
+`describe()` records it as dtype "float8", so a store's identity says its targets came from FP8.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.fp8 import convert_linears, fp8_unsupported_reason
 from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing, as_tensor
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,7 @@ ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")
 NAFLEX_FAMILIES = ("siglip2_vision_model",)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
+FLOAT8 = "float8"   # the FP8 precision's name in `dtype` arguments and in describe()
 
 
 class TeacherError(ValueError):
@@ -77,6 +84,7 @@ class Teacher(nn.Module):
         if unknown:
             raise TeacherError(f"unknown attention backends {sorted(unknown)}; choose from {ATTENTION_BACKENDS}")
         self.attention_backends = tuple(attention_backends or ())
+        self.fp8 = False   # set by from_pretrained(dtype="float8") once the blocks' linears are FP8
         self._copy_stream: torch.cuda.Stream | None = None
         # Per thread: a Ray actor with max_concurrency > 1 runs encode in several threads at once.
         self._captured = threading.local()
@@ -103,13 +111,18 @@ class Teacher(nn.Module):
         image_size/image_mean/image_std override preprocessor_config.json.
         batch_size: frames per forward pass. attention_backends: SDPA kernels by priority, e.g.
             ("cudnn", "flash"); None leaves torch's choice. compile: torch.compile the forward.
+        dtype: a torch dtype or its name, or "float8" (see the module docstring); default bf16 on
+            CUDA, float32 on CPU.
         """
         from transformers import AutoConfig, AutoModel
 
         name_or_path = str(name_or_path)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _dtype(dtype, device)
+        fp8 = dtype == FLOAT8
+        if fp8 and (reason := fp8_unsupported_reason(device)) is not None:
+            raise TeacherError(f"dtype {FLOAT8!r}: {reason}; use bfloat16 there")
+        dtype = torch.bfloat16 if fp8 else _dtype(dtype, device)
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         vision_config = getattr(config, "vision_config", None)
         composite = vision_config is not None
@@ -173,6 +186,9 @@ class Teacher(nn.Module):
                       interpolate_pos_encoding=interpolate, patch_inputs=patch_inputs,
                       attention_backends=attention_backends)
         teacher = teacher.to(device=device, dtype=dtype)
+        if fp8:
+            convert_linears(teacher._layers(), fast_accum=False)
+            teacher.fp8 = True
         if compile:
             teacher.compile_tokens()
         return teacher
@@ -200,9 +216,21 @@ class Teacher(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What identifies the targets (for store.json and config-mismatch checks)."""
+        return self._identity(FLOAT8 if self.fp8 else str(self.dtype).removeprefix("torch."))
+
+    @classmethod
+    def describe_pretrained(cls, name_or_path: str | Path, *, dtype: str, **kwargs: Any) -> dict[str, Any]:
+        """`describe()` of `from_pretrained(name_or_path, dtype=dtype, **kwargs)` as the job's GPU workers
+        will load it, computed on this process's CPU (a driver may have no GPU, let alone an FP8 one):
+        a float8 teacher is loaded here in bfloat16, the weights its FP8 ones are quantised from."""
+        fp8 = dtype == FLOAT8
+        teacher = cls.from_pretrained(name_or_path, device="cpu", dtype="bfloat16" if fp8 else dtype, **kwargs)
+        return teacher._identity(FLOAT8) if fp8 else teacher.describe()
+
+    def _identity(self, precision: str) -> dict[str, Any]:
         return {"name_or_path": self.name_or_path, "revision": self.revision, "layer": self.layer,
                 "head": self.head, "dim": self.dim, "grid": list(self.grid), "family": self.family,
-                "dtype": str(self.dtype).removeprefix("torch."), "image_size": self.image_size,
+                "dtype": precision, "image_size": self.image_size,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
                 "patch_size": self.patch_size, "num_layers": self.num_layers}
 
@@ -323,6 +351,8 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
             raise TeacherError(f"unknown dtype {dtype!r}")
+    if dtype.itemsize == 1:
+        raise TeacherError(f"dtype {dtype} would cast every weight; {FLOAT8!r} runs the linears as FP8 matmuls")
     return dtype
 
 

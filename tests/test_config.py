@@ -105,3 +105,14 @@ def test_every_extract_value_is_checked_before_the_output_is_touched(tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flags[0] in err[0] or "--fps" in err[0], (flags, err)
         assert not out.exists(), flags
+
+
+def test_a_dash_splits_number_pairs_but_not_names():
+    @dataclass
+    class Lists:
+        fps: tuple[float, float] = (1.0, 4.0)
+        variants: tuple[str, ...] = ("eager",)
+
+    cfg = parse_config(Lists, ["--fps", "2-3", "--variants", "compile-fp8"])
+    assert cfg.fps == (2.0, 3.0) and cfg.variants == ("compile-fp8",)
+    assert parse_config(Lists, ["--variants", "a-b,c"]).variants == ("a-b", "c")
