@@ -191,10 +191,11 @@ class VideoTally:
         failed_keys = _keys(video_rows)
         kept = lookup(videos, accounted, failed_keys)
         settled = kept >= _ints(video_rows, "good_clips")
-        failed = np.unique(failed_keys[settled])
-        complete = np.setdiff1d(videos[accounted >= wanted], failed)
-        done = np.union1d(complete, failed).astype(np.uint64)
-        partial = np.setdiff1d(videos, done)
+        failed = sorted_unique(failed_keys[settled])
+        complete = videos[accounted >= wanted]
+        complete = complete[~is_member(complete, failed)]
+        done = sorted_unique(np.concatenate([complete, failed]))
+        partial = videos[~is_member(videos, done)]
         where: dict[int, list[str]] = {k: [] for k in partial.tolist()}
         mask = is_member(keys, partial) & (shards >= 0)
         for k, s in zip(keys[mask].tolist(), shards[mask].tolist()):
@@ -202,6 +203,12 @@ class VideoTally:
         progress = Progress(done_keys=done, complete_videos=len(complete), failed_videos=len(failed),
                             partial_failed_videos=int((lookup(videos, accounted, failed) > 0).sum()))
         return progress, where
+
+
+def sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """np.unique by sorting: numpy 2.4's hash-based np.unique takes 12 s for 3.3M uint64 keys, a sort 0.06 s."""
+    keys = np.sort(keys)
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
 
 
 def lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
