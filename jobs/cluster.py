@@ -1,7 +1,8 @@
 """The one way our jobs reach Ray: join the cluster they were submitted to, or start a local one.
 
-Token authentication (on by default since Ray 2.60) needs nothing here: `ray.init` reads the token
-that `ray start` / the cluster wrote (`~/.ray/auth_token`, or RAY_AUTH_TOKEN).
+Token authentication (on by default since Ray 2.60): `ray.init` reads the token from RAY_AUTH_TOKEN,
+the file RAY_AUTH_TOKEN_PATH names, or `~/.ray/auth_token`; a submitted job gets it from its cluster.
+Joining a token cluster by an explicit address needs RAY_AUTH_MODE=token exported as well.
 """
 
 from __future__ import annotations

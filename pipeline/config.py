@@ -182,7 +182,9 @@ def _flag(f: dataclasses.Field) -> str:
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
+    # no abbreviations: a typo that is a prefix of a flag (--max-failure) must not pass as that flag
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with config fields; flags override it")
     for f in _fields(cls).values():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

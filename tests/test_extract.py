@@ -293,7 +293,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(stores, teachers, vide
 
 
 def test_ray_job_submit(ray_cluster, teachers, videos, tmp_path):
-    """The same command under `ray job submit --working-dir .` against the session cluster."""
+    """The same command under `ray job submit --working-dir .` against the session cluster, which
+    runs with token authentication (Ray 2.60's default): refused without the token or with another
+    one, accepted with RAY_AUTH_MODE=token and the token file in RAY_AUTH_TOKEN_PATH (README)."""
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard]
+    home = tmp_path / "home"          # no ~/.ray/auth_token to fall back on
+    home.mkdir()
+    anonymous = {k: v for k, v in ray_cluster.env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    for env, refusal in ((anonymous, "no authentication token was found"),
+                         (anonymous | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+                          "token is invalid")):
+        result = subprocess.run([*submit, "--", "python", "-c", "pass"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and refusal in result.stdout + result.stderr, \
+            result.stdout[-2000:] + result.stderr[-2000:]
+    assert ray_cluster.env["RAY_AUTH_MODE"] == "token" and Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).is_file()
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("a.mp4", "bad.mp4"):
@@ -303,8 +318,7 @@ def test_ray_job_submit(ray_cluster, teachers, videos, tmp_path):
     deadline = time.time() + 180
     while True:   # the dashboard answers before its job agent is up: Ray says "try again later"
         result = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO),
-             "--", "python", "-m", "jobs.extract", *job_args],
+            [*submit, "--working-dir", str(REPO), "--", "python", "-m", "jobs.extract", *job_args],
             cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=400)
         if "No available agent to submit job" not in result.stderr or time.time() > deadline:
             break

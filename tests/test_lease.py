@@ -45,14 +45,23 @@ def test_a_second_job_on_a_live_jobs_output_is_refused_and_touches_nothing(tmp_p
     assert not (root / "_lease.json").exists()
 
 
-def test_a_lease_from_another_host_expires_after_its_ttl(tmp_path):
-    (tmp_path / "_lease.json").write_text(json.dumps(
-        {"id": "x", "host": "elsewhere", "pid": 1, "renewed": time.time(), "ttl": 60}))
+def test_a_lease_from_another_host_is_watched_until_renewed_or_expired(tmp_path):
+    import threading
+
+    def lease(renewed):
+        (tmp_path / "_lease.json").write_text(json.dumps(
+            {"id": "x", "host": "elsewhere", "pid": 1, "renewed": renewed, "ttl": 2}))
+
+    lease(time.time())
+    renewer = threading.Timer(0.5, lambda: lease(time.time()))    # its job is alive
+    renewer.start()
     with pytest.raises(StoreBusyError, match="host elsewhere"):
         Lease(str(tmp_path), settle=0).acquire()
-    (tmp_path / "_lease.json").write_text(json.dumps(
-        {"id": "x", "host": "elsewhere", "pid": 1, "renewed": time.time() - 61, "ttl": 60}))
+    renewer.join()
+    lease(time.time())                                            # its job died: no renewal comes
+    start = time.time()
     Lease(str(tmp_path), settle=0).acquire().release()
+    assert 1 < time.time() - start < 10
 
 
 def test_the_heartbeat_renews_and_two_simultaneous_starts_leave_one_holder(tmp_path):

@@ -3,7 +3,8 @@
 `<root>/_lease.json` names the job writing the store (host, pid, a random id) and when it last
 renewed the lease. Another job on the same output is refused while the lease is fresh; a lease
 whose holder crashed expires after `ttl` seconds, at once when the holder was a process on this
-host that no longer runs (a rerun after `kill -9`). Object stores have no compare-and-swap here:
+host that no longer runs (a rerun after `kill -9`). A lease held from another host is watched: a
+renewal means its job lives (refused within one renewal period), expiry means it died. Object stores have no compare-and-swap here:
 a job reads its own lease back after `settle` seconds, so two jobs started within the same instant
 still end with one holder; beyond that this is a guard against mistakes, not a consensus protocol.
 """
@@ -43,7 +44,7 @@ def _alive_here(holder: dict) -> bool:
 class Lease:
     """Held from `acquire()` to `release()`; a daemon thread renews it every ttl/4 seconds."""
 
-    def __init__(self, root: str, ttl: float = 120.0, settle: float = 0.5, storage_options=None):
+    def __init__(self, root: str, ttl: float = 60.0, settle: float = 0.5, storage_options=None):
         self.fs, path = filesystem(root, storage_options)
         self.root, self.path = root, Layout(path).lease
         self.ttl, self.settle = ttl, settle
@@ -61,17 +62,27 @@ class Lease:
         write_atomic(self.fs, self.path, json.dumps({**self.me, "renewed": time.time(), "ttl": self.ttl}).encode())
 
     def _check_free(self) -> None:
-        holder = self._holder()
-        if holder is None or holder.get("id") == self.me["id"]:
-            return
-        age = time.time() - float(holder.get("renewed", 0))
-        if age < float(holder.get("ttl", self.ttl)) and _alive_here(holder):
-            raise StoreBusyError(
-                f"{self.root} is being written by another job (host {holder.get('host')}, pid {holder.get('pid')}, "
-                f"lease renewed {age:.0f} s ago); run one job per output, or wait {holder.get('ttl', self.ttl):.0f} s "
-                "after that job has died")
-        log.warning("taking over the lease of a job that stopped (host %s, pid %s, renewed %.0f s ago)",
-                    holder.get("host"), holder.get("pid"), age)
+        """Return when the lease is free, expired or ours; raise StoreBusyError while its holder lives.
+
+        A holder on another host cannot be asked: a fresh lease is watched until it expires (the
+        holder died: take over, as a retried job on a new cluster must) or is renewed (alive: refuse)."""
+        first = self._holder()
+        while True:
+            holder = self._holder()
+            if holder is None or holder.get("id") == self.me["id"]:
+                return
+            ttl = float(holder.get("ttl", self.ttl))
+            age = time.time() - float(holder.get("renewed", 0))
+            renewed = first is not None and holder.get("renewed") != first.get("renewed")
+            if age >= ttl or not _alive_here(holder):
+                log.warning("taking over the lease of a job that stopped (host %s, pid %s, renewed %.0f s ago)",
+                            holder.get("host"), holder.get("pid"), age)
+                return
+            if renewed or holder.get("host") == socket.gethostname():
+                raise StoreBusyError(
+                    f"{self.root} is being written by another job (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}, lease renewed {age:.0f} s ago); run one job per output")
+            time.sleep(min(1.0, ttl / 8))
 
     def acquire(self) -> "Lease":
         self._check_free()
