@@ -6,7 +6,8 @@
     state.json           step, epoch, loader position, LR-scheduler state, the run's config
 
 A checkpoint is written into a temporary sibling, fsynced, then renamed into place, so a crash
-leaves either the old set or the new one, never a torn directory; the last `keep` are kept.
+leaves either the old set or the new one, never a torn directory; the last `keep` are kept (0: all).
+Non-finite weights or optimizer state are never written: `save` raises NonFiniteWeightsError first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,37 @@ from safetensors.torch import load_model, save_model
 PREFIX = "step-"
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """A model (or its optimizer state) holds NaN or inf: it is not saved."""
+
+
+def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Names of the model's parameters and buffers, and of the optimizer's state tensors, that hold a
+    NaN or an inf (floating point only)."""
+    named = [(f"model {k}", t) for k, t in model.state_dict().items()]
+    if optimizer is not None:
+        names = {id(p): k for k, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, t in optimizer.state.get(p, {}).items():
+                    named.append((f"optimizer {key} of {names.get(id(p), '?')}", t))
+    with torch.no_grad():
+        bad = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not bad:
+            return []
+        flags = torch.stack([torch.isfinite(t).all() for _, t in bad]).cpu().tolist()   # one sync
+    return [name for (name, _), ok in zip(bad, flags) if not ok]
+
+
+def check_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, what: str = "checkpoint"
+                 ) -> None:
+    """Raise NonFiniteWeightsError naming the first non-finite tensors of the model or the optimizer."""
+    bad = nonfinite_tensors(model, optimizer)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteWeightsError(f"not writing the {what}: NaN or inf in {', '.join(bad[:5])}{more}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -33,6 +65,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          state: dict[str, Any], rng: dict[str, torch.Tensor], keep: int) -> Path:
+    check_finite(model, optimizer, f"checkpoint of step {step}")     # before anything is written
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"

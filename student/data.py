@@ -30,16 +30,33 @@ Held-out split: by a hash of the video id (`pipeline.store.heldout_score`) at on
 whose per-shard counts the manifest holds (`HELDOUT_LEVELS`), so the views of one video never
 straddle the split and the split never depends on the seed. Evaluation reads the held-out clips
 (or a whole second store) once each, in store order, streamed like training.
+
+Damaged stores: every clip read is checked (its key against the index, every member present and
+decodable, the target's bytes against the index's checksum, shapes against the schema, the target
+finite; zarr: the stored objects holding its row exist, since zarr reads a missing object as zeros).
+A clip that fails is a `BadClip` (shard, clip id, reason), never zeros or NaN passed off as data: a
+training batch keeps its place and size, the bad clip's row filled with zeros and marked invalid
+(`batch["valid"]`, the loss leaves it out), so the sample order stays a pure function of (seed,
+epoch, position), shapes stay fixed (no recompiles) and every rank takes the same number of steps;
+an evaluation batch drops it. A shard that
+cannot be opened (index file, tar, zarr group or array missing or inconsistent) makes all the clips
+a pass wants of it bad; a tar that breaks off (truncated, unreadable) makes the clips after the
+break bad. The batch lists them under `"skipped"`; the loader's `BadClipBudget` logs each one and
+raises `TooManyBadClipsError`, naming the shard, past `max_bad_clips` per rank (default 0 here,
+the trainer's `--max-bad-clips` 16).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import itertools
 import json
+import logging
 import math
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -49,13 +66,51 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 FORMATS = ("webdataset", "zarr")
 
+log = logging.getLogger(__name__)
+
 
 class SchemaMismatchError(ValueError):
     """The store's schema (clip length, frame size, target tokens or width) does not fit the model."""
 
 
 class StoreContentError(ValueError):
-    """A shard disagrees with the store's manifest or index (keys, clip count or array shapes)."""
+    """A shard disagrees with the store's manifest or index (keys, clip count or array shapes), or its
+    data is damaged (undecodable, non-finite, missing)."""
+
+
+class TooManyBadClipsError(StoreContentError):
+    """More bad clips than the budget allows (`--max-bad-clips`): the message names the shard of the
+    last one and why it was bad."""
+
+    def __init__(self, message: str, shard: str | None = None, count: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.shard, self.count, self.limit = shard, count, limit
+
+
+@dataclass(frozen=True)
+class BadClip:
+    """A clip that could not be read: its shard, its id (None when the shard's index is unreadable) and
+    why. Stray tar samples that are none of the index's clips are reported the same way."""
+
+    shard: str
+    clip_id: str | None
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        return {"clip_id": self.clip_id, "shard": self.shard, "reason": self.reason}
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line: ours carry their context, others get their type name."""
+    from pipeline.store import StoreError
+
+    if len(e.args) > 1 and isinstance(e.args[0], str) and not isinstance(e, OSError):
+        # webdataset re-raises a tar error as (message + " @ <stream repr>", stream, url)
+        text = e.args[0].split(" @ <", 1)[0]
+    else:
+        text = str(e)
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return text if isinstance(e, (StoreContentError, StoreError)) else f"{type(e).__name__}: {text}"
 
 
 @dataclass
@@ -96,13 +151,14 @@ class StoreInfo:
         """Shapes and statistics from store.json, shards from the store's manifest; without `store`, a
         description with no clips to read (enough to build a student and feed it synthetic batches)."""
         clip, frames, target, stats = (schema[k] for k in ("clip", "frames", "target", "target_stats"))
+        mean, std = _target_stats(stats, int(target["dim"]), root)
         return cls(
             root=root, store=store, schema=schema, clip_frames=int(clip["frames"]),
             frame_size=tuple(int(x) for x in frames["size"]), frame_ext=frames["encoding"],
             target_tokens=int(target["tokens"]), target_dim=int(target["dim"]), target_dtype=str(target["dtype"]),
-            target_mean=np.asarray(stats["mean"], dtype=np.float32),
+            target_mean=mean,
             # a channel that never varies would divide by zero when standardised
-            target_std=np.maximum(np.asarray(stats["std"], dtype=np.float32), 1e-6),
+            target_std=np.maximum(std, 1e-6),
             **_per_shard(store.manifest if store is not None else None))
 
     def local_store(self) -> Any:
@@ -114,6 +170,29 @@ class StoreInfo:
             fs, _ = filesystem(self.root, self.store.storage_options)
             self.store, self._pid = dataclasses.replace(self.store, fs=fs), os.getpid()
         return self.store
+
+
+def _target_stats(stats: Any, dim: int, root: str) -> tuple[np.ndarray, np.ndarray]:
+    """store.json's per-channel target mean and std as float32 [D], or StoreContentError: every target
+    is standardised with them, so one non-finite channel would make every loss NaN."""
+    try:
+        mean = np.asarray(stats["mean"], dtype=np.float64).astype(np.float32)
+        std = np.asarray(stats["std"], dtype=np.float64).astype(np.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreContentError(f"{root}: store.json target_stats cannot be read as numbers: {_reason(e)}") from None
+    problems = []
+    for name, v in (("mean", mean), ("std", std)):
+        if v.shape != (dim,):
+            problems.append(f"{name} has shape {list(v.shape)}, the target width is {dim}")
+        elif not np.isfinite(v).all():
+            bad = np.flatnonzero(~np.isfinite(v))
+            problems.append(f"{name} is not finite in {len(bad)} channels (first: {bad[:8].tolist()})")
+        elif name == "std" and (v < 0).any():
+            problems.append(f"std is negative in {int((v < 0).sum())} channels")
+    if problems:
+        raise StoreContentError(f"{root}: store.json target_stats: {'; '.join(problems)}: the targets cannot be "
+                                "standardised (re-finalise the store, or re-extract it)")
+    return mean, std
 
 
 def _per_shard(manifest: Any) -> dict[str, Any]:
@@ -364,21 +443,70 @@ def epoch_clip_ids(info: StoreInfo, plan: EpochPlan, rank: int) -> list[list[str
 
 
 @dataclass
-class _Shard:
-    """An opened shard: its index's clip ids, the rows the pass reads, and (zarr) its arrays."""
+class _ZarrShard:
+    """A zarr shard's arrays, and which of their stored objects exist (by block index along clips)."""
 
+    frames: Any
+    targets: Any
+    dtype: str                      # the stored target dtype
+    frames_blocks: tuple[int, set[int]]     # (clips per stored object, the objects present)
+    targets_blocks: tuple[int, set[int]]
+
+    def missing(self, row: int) -> list[str]:
+        return [name for name, (per, present) in (("frames", self.frames_blocks), ("targets", self.targets_blocks))
+                if row // per not in present]
+
+
+@dataclass
+class _Shard:
+    """An opened shard: its index's clip ids and checksums, the rows the pass reads, and (zarr) its
+    arrays; or, when it could not be opened, why (`error`): then every clip of it is bad."""
+
+    name: str
     clip_ids: list[str]         # every row's clip id, in row order
     rows: np.ndarray            # int64: the selected rows, ascending (the k-th selected clip is rows[k])
-    arrays: tuple[Any, Any, str] | None = None     # zarr: frames, targets, stored target dtype
+    checksums: list[str | None] | None = None   # every row's target checksum (the index's)
+    arrays: _ZarrShard | None = None
+    error: str | None = None
 
     def clip_id(self, k: int) -> str:
+        if self.error is not None:
+            raise StoreContentError(f"shard {self.name}: {self.error}")
         return self.clip_ids[self.rows[k]]
+
+    def checksum(self, row: int) -> str | None:
+        return self.checksums[row] if self.checksums is not None else None
+
+    def bad(self, k: int, reason: str | None = None) -> BadClip:
+        """The k-th selected clip as bad (its id when the index could be read)."""
+        known = k < len(self.rows) and self.rows[k] < len(self.clip_ids)
+        return BadClip(self.name, self.clip_ids[self.rows[k]] if known else None, reason or self.error or "bad clip")
+
+
+def _stored_blocks(array: Any) -> tuple[int, set[int]]:
+    """(clips per stored object, indices of the objects present) of a zarr array along its first axis.
+    Zarr reads an absent object as the fill value, so a deleted chunk or shard object would pass for
+    black frames or zero targets: one listing of the array's keys tells them apart."""
+    from zarr.core.sync import sync
+
+    block = tuple(array.shards or array.chunks)
+    prefix = array.store_path.path
+
+    async def listing() -> list[str]:
+        return [k async for k in array.store_path.store.list_prefix(prefix)]
+
+    keys = {k[len(prefix):].lstrip("/") for k in sync(listing())}
+    rest = list(itertools.product(*(range(-(-s // b)) for s, b in zip(array.shape[1:], block[1:]))))
+    encode = array.metadata.encode_chunk_key
+    n = -(-int(array.shape[0]) // block[0])
+    return block[0], {i for i in range(n) if all(encode((i, *r)) in keys for r in rest)}
 
 
 class _Shards:
     """The shards one loader worker has open, at most `keep`. Opening one is the only place a shard's
     index file is read; it must list the clips the manifest counts, and (zarr) the shard's own clip
-    ids must equal the index's."""
+    ids must equal the index's. A shard that fails any of this is kept as failed (`_Shard.error`),
+    so its clips are reported bad without trying again."""
 
     def __init__(self, info: StoreInfo, rows: Selection, zarr: bool = False, keep: int = 32):
         self.info, self.rows, self.zarr, self.keep = info, rows, zarr, keep
@@ -388,99 +516,169 @@ class _Shards:
         if shard in self.open_shards:
             self.open_shards.move_to_end(shard)
             return self.open_shards[shard]
-        info, name, n = self.info, self.info.shards[shard], int(self.info.counts[shard])
-        store = info.local_store()
-        index = store.shard_index(name, columns=["clip_id", "video_id", "row"])
-        if not np.array_equal(index.column("row").to_numpy(), np.arange(n)):
-            raise StoreContentError(f"{info.root}: the index of shard {name} lists rows other than the manifest's "
-                                    f"0..{n - 1}")
-        ids = index.column("clip_id").to_pylist()
-        rows = self.rows.pick(index.column("video_id").to_pylist())
-        if len(rows) != self.rows.counts[shard]:
-            side = "held-out" if self.rows.heldout else "training"
-            raise StoreContentError(f"{info.root}: shard {name} has {len(rows)} {side} clips by its index, the "
-                                    f"manifest counts {self.rows.counts[shard]}")
-        opened = _Shard(ids, rows, self._zarr_arrays(store, name, ids) if self.zarr else None)
+        opened = self._open(shard)
+        if opened.error is not None:
+            log.warning("shard %s of %s cannot be read: %s", opened.name, self.info.root, opened.error)
         self.open_shards[shard] = opened
         if len(self.open_shards) > self.keep:
             self.open_shards.popitem(last=False)
         return opened
 
-    def _zarr_arrays(self, store: Any, name: str, ids: list[str]) -> tuple[Any, Any, str]:
+    def _open(self, shard: int) -> _Shard:
+        info, name, n = self.info, self.info.shards[shard], int(self.info.counts[shard])
+        ids: list[str] = []
+        rows = np.zeros(0, dtype=np.int64)      # known once the index agrees with the manifest
+        try:
+            store = info.local_store()
+            index = store.shard_index(name)
+            if not np.array_equal(index.column("row").to_numpy(), np.arange(n)):
+                raise StoreContentError(f"{info.root}: the index of shard {name} lists rows other than the "
+                                        f"manifest's 0..{n - 1}")
+            ids = index.column("clip_id").to_pylist()
+            checksums = index.column("checksum").to_pylist() if "checksum" in index.column_names else None
+            picked = self.rows.pick(index.column("video_id").to_pylist())
+            if len(picked) != self.rows.counts[shard]:
+                side = "held-out" if self.rows.heldout else "training"
+                raise StoreContentError(f"{info.root}: shard {name} has {len(picked)} {side} clips by its index, "
+                                        f"the manifest counts {self.rows.counts[shard]}")
+            rows = picked
+            arrays = self._zarr_arrays(store, name, ids) if self.zarr else None
+        except Exception as e:      # missing or unreadable index / zarr group / array, or disagreeing counts
+            return _Shard(name, ids, rows, error=_reason(e))
+        return _Shard(name, ids, rows, checksums, arrays)
+
+    def _zarr_arrays(self, store: Any, name: str, ids: list[str]) -> _ZarrShard:
         g = store.zarr_group(name)
         stored = [str(c) for c in np.asarray(g["clip_id"][:])]
         if stored != ids:
             bad = next((i for i, (a, b) in enumerate(zip(stored, ids)) if a != b), min(len(stored), len(ids)))
             raise StoreContentError(f"zarr shard {name}: {len(stored)} clips, the index lists {len(ids)}; "
                                     f"first difference at row {bad}")
-        targets = g["targets"]
-        return g["frames"], targets, targets.attrs.get("dtype", self.info.target_dtype)
+        frames, targets = g["frames"], g["targets"]
+        for what, array in (("frames", frames), ("targets", targets)):
+            if array.shape[0] != len(ids):
+                raise StoreContentError(f"zarr shard {name}: {what} holds {array.shape[0]} clips, the index "
+                                        f"lists {len(ids)}")
+        return _ZarrShard(frames, targets, targets.attrs.get("dtype", self.info.target_dtype),
+                          _stored_blocks(frames), _stored_blocks(targets))
 
-    def read_zarr(self, shard: int, k: int) -> tuple[str, np.ndarray, np.ndarray]:
-        """Clip id, frames and target of the k-th selected clip of a shard."""
-        from pipeline.store import decode_target
-
+    def read_zarr(self, shard: int, k: int) -> tuple[str, np.ndarray, np.ndarray] | BadClip:
+        """Clip id, frames and target of the k-th selected clip of a shard, or why it cannot be had."""
         opened = self.open(shard)
-        frames, targets, dtype = opened.arrays
+        if opened.error is not None:
+            return opened.bad(k)
+        z = opened.arrays
         row, key = int(opened.rows[k]), opened.clip_id(k)
-        return key, *_checked(key, np.asarray(frames[row]), decode_target(np.asarray(targets[row]), dtype), self.info)
+        missing = z.missing(row)
+        if missing:
+            return opened.bad(k, f"zarr {' and '.join(missing)} of row {row}: the stored object is missing "
+                                 "(zarr would read it as zeros)")
+        try:
+            frames, stored = np.asarray(z.frames[row]), np.asarray(z.targets[row])
+            return key, *_checked(key, frames, stored, self.info, z.dtype, opened.checksum(row))
+        except Exception as e:      # a truncated or corrupt object fails zarr's checksum or decompression
+            return opened.bad(k, f"zarr row {row}: {_reason(e)}")
 
 
 def decode_wds_sample(sample: dict[str, bytes], info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Frames uint8 [T, H, W, 3] and target float32 [N, D] of one webdataset sample."""
-    from pipeline.store import decode_frame, decode_target, frame_column
+    """Frames uint8 [T, H, W, 3] and target float32 [N, D] of one webdataset sample, checked (the
+    target's bytes against `sample["__checksum__"]` when the reader put the index's there)."""
+    from pipeline.store import decode_frame, frame_column
 
     key = sample["__key__"]
     names = [f"{frame_column(i)}.{info.frame_ext}" for i in range(info.clip_frames)]
     missing = [n for n in names + ["target.npy"] if n not in sample]
     if missing:
         raise StoreContentError(f"sample {key} in {sample.get('__url__')}: missing {', '.join(missing)}")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    if meta.get("clip_id", key) != key:
-        raise StoreContentError(f"sample {key}: metadata names clip {meta.get('clip_id')!r}")
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError as e:
+        raise StoreContentError(f"sample {key} in {sample.get('__url__')}: unreadable metadata: {e}") from None
+    if not isinstance(meta, dict) or meta.get("clip_id", key) != key:
+        raise StoreContentError(f"sample {key}: metadata names clip "
+                                f"{meta.get('clip_id') if isinstance(meta, dict) else meta!r}")
     try:
         frames = np.stack([decode_frame(sample[n], info.frame_ext) for n in names])
-        target = decode_target(np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False), info.target_dtype)
-    except (OSError, ValueError) as e:   # PIL's UnidentifiedImageError is an OSError
-        raise StoreContentError(f"clip {key} in {sample.get('__url__')}: cannot decode: {e}") from e
-    return _checked(key, frames, target, info)
+        stored = np.load(io.BytesIO(sample["target.npy"]), allow_pickle=False)
+    except Exception as e:   # PIL's UnidentifiedImageError and truncated images are OSErrors; npy: ValueError
+        raise StoreContentError(f"clip {key} in {sample.get('__url__')}: cannot decode: {_reason(e)}") from e
+    return _checked(key, frames, stored, info, info.target_dtype, sample.get("__checksum__"))
 
 
-def _checked(key: str, frames: np.ndarray, target: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
+def _checked(key: str, frames: np.ndarray, stored: np.ndarray, info: StoreInfo, dtype: str,
+             checksum: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and the decoded float32 target of one clip, after checking the stored target's bytes
+    against the index's checksum, both shapes against the schema and the target for NaN/inf."""
+    from pipeline.store import decode_target
+
+    if checksum:
+        got = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()[:16]
+        if got != checksum:
+            raise StoreContentError(f"clip {key}: the target's bytes do not match the index's checksum "
+                                    f"({got}, index {checksum})")
+    target = decode_target(stored, dtype)
     want_f = (info.clip_frames, *info.frame_size, 3)
     want_t = (info.target_tokens, info.target_dim)
     if frames.shape != want_f or frames.dtype != np.uint8 or target.shape != want_t:
         raise StoreContentError(f"clip {key}: frames {frames.dtype}{list(frames.shape)} target {list(target.shape)},"
                                 f" schema says uint8{list(want_f)} and {list(want_t)}")
+    finite = np.isfinite(target)
+    if not finite.all():
+        raise StoreContentError(f"clip {key}: {int((~finite).sum())} non-finite target values")
     return frames, target
 
 
-def _tar_samples(info: StoreInfo, shard: int, clip_ids: list[str],
-                 wanted: dict[int, int]) -> Iterator[tuple[int, dict]]:
-    """(position, raw sample) of the wanted rows ({row: position}) of one shard, read front to back up
-    to the last of them (bytes only, nothing decoded). Every sample read has its key checked against
-    the index; a shard read to its last row is checked to hold no more clips than the index lists."""
+def _tar_samples(info: StoreInfo, shard: int, opened: _Shard,
+                 wanted: dict[int, int]) -> Iterator[tuple[int | None, dict | BadClip]]:
+    """(position, raw sample or BadClip) of every wanted row ({row: position}) of one shard, read front
+    to back up to the last of them (bytes only, nothing decoded), and (None, BadClip) for a stray sample
+    (a key the index does not list next). Keys are matched against the index: a clip missing from the
+    tar is bad and the rows after it still line up; everything wanted after a break (a truncated or
+    unreadable tar) is bad. A shard read to its last row is checked to hold no more samples."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    url, n = info.shard_url(shard), len(clip_ids)
-    last = max(wanted)
-    row = -1
-    with info.local_store().fs.open(url, "rb") as stream:
+    url, ids, name = info.shard_url(shard), opened.clip_ids, opened.name
+    n = len(ids)
+    pending = dict(wanted)
+    row = 0                                 # the row the next sample should be
+    where: dict[str, int] | None = None     # clip id -> row, built on the first surprise
+
+    def lost(upto: int, reason: str) -> Iterator[tuple[int, BadClip]]:
+        for r in sorted(r for r in pending if r < upto):
+            yield pending.pop(r), BadClip(name, ids[r], reason)
+
+    try:
+        stream = info.local_store().fs.open(url, "rb")
+    except Exception as e:
+        yield from lost(n, f"cannot open {url}: {_reason(e)}")
+        return
+    with stream:
         samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         try:
-            for row, sample in enumerate(samples):
-                if row >= n:
-                    raise StoreContentError(f"{url}: more clips than the {n} the index lists")
-                if sample["__key__"] != clip_ids[row]:
-                    raise StoreContentError(f"{url} row {row}: key {sample['__key__']!r}, index says {clip_ids[row]!r}")
-                if row in wanted:
-                    yield wanted[row], sample
-                if row == last and last < n - 1:
+            for sample in samples:
+                key = sample["__key__"]
+                if row < n and key == ids[row]:
+                    r = row
+                else:
+                    if where is None:
+                        where = {c: i for i, c in enumerate(ids)}
+                    r = where.get(key, -1)
+                    if r < row:     # not in the index, or a repeat
+                        yield None, BadClip(name, key, f"{url}: stray sample {key!r} after row {row - 1} "
+                                                       f"(the index says {ids[row] if row < n else 'nothing'!r})")
+                        continue
+                    yield from lost(r, f"{url}: missing from the tar (the index lists it before {key!r})")
+                if r in pending:
+                    sample["__shard__"], sample["__checksum__"] = name, opened.checksum(r)
+                    yield pending.pop(r), sample
+                row = r + 1
+                if not pending and row < n:
                     break
+        except Exception as e:      # truncated header, unexpected end of data, empty file, ...
+            yield from lost(n, f"{url}: unreadable after {row} clips: {_reason(e)}")
         finally:
             samples.close()     # the tar stream, now rather than at garbage collection
-    if row < last:
-        raise StoreContentError(f"{url}: {row + 1} clips, the index lists {n}")
+    yield from lost(n, f"{url} ends after {row} clips, the index lists {n}")
 
 
 def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: float) -> np.ndarray:
@@ -502,7 +700,10 @@ def jitter_frames(frames: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
     return ((x - gray) * s + gray).clamp_(0, 1).mul_(255)
 
 
-def _collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Any]:
+def _collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], info: StoreInfo) -> dict[str, Any]:
+    if not items:     # an evaluation batch whose clips were all bad
+        return {"clip_id": [], "frames": torch.zeros((0, info.clip_frames, *info.frame_size, 3), dtype=torch.uint8),
+                "target": torch.zeros((0, info.target_tokens, info.target_dim))}
     batch = {"clip_id": [k for k, *_ in items],
              "frames": torch.from_numpy(np.stack([f for _, f, _, _ in items])),
              "target": torch.from_numpy(np.stack([t for _, _, t, _ in items]))}
@@ -512,11 +713,15 @@ def _collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]])
 
 
 class ClipStream(IterableDataset):
-    """One epoch of one rank's batches, starting at batch `start`; see the module docstring."""
+    """One epoch of one rank's batches, starting at batch `start`; see the module docstring. A bad
+    clip's row is filled with zeros and marked invalid (`batch["valid"]`, bool [B], present only when
+    some row is); with `compact` (evaluation) it is dropped instead. Either way the batch lists its bad
+    clips under `"skipped"` (records of `BadClip`) for the main process to count."""
 
     def __init__(self, info: StoreInfo, plan: EpochPlan, *, fmt: str, rank: int, start: int = 0,
-                 augment: float = 0.0):
+                 augment: float = 0.0, compact: bool = False):
         self.info, self.plan, self.fmt, self.rank, self.start, self.augment = info, plan, fmt, rank, start, augment
+        self.compact = compact
 
     def __len__(self) -> int:
         return self.plan.batches_per_rank - self.start
@@ -525,6 +730,24 @@ class ClipStream(IterableDataset):
         jitter = (jitter_factors(self.plan.seed, self.plan.epoch, stream, position, self.augment)
                   if self.augment > 0 else None)
         return key, frames, target, jitter
+
+    def _batch(self, stream: int, positions: list[int], got: list[Any], strays: list[BadClip] = ()) -> dict[str, Any]:
+        """A batch of the positions' items; `got[i]` is (key, frames, target) or a BadClip."""
+        info = self.info
+        bad = [g for g in got if isinstance(g, BadClip)]
+        if self.compact:
+            items = [self._item(stream, p, *g) for p, g in zip(positions, got) if not isinstance(g, BadClip)]
+        else:
+            frames0 = np.zeros((info.clip_frames, *info.frame_size, 3), dtype=np.uint8)
+            target0 = np.zeros((info.target_tokens, info.target_dim), dtype=np.float32)
+            items = [self._item(stream, p, g.clip_id or "", frames0, target0) if isinstance(g, BadClip)
+                     else self._item(stream, p, *g) for p, g in zip(positions, got)]
+        batch = _collate(items, info)
+        if bad and not self.compact:
+            batch["valid"] = torch.tensor([not isinstance(g, BadClip) for g in got])
+        if bad or strays:
+            batch["skipped"] = [b.record() for b in [*bad, *strays]]
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wi = get_worker_info()
@@ -540,8 +763,17 @@ class ClipStream(IterableDataset):
         for b in batches:
             stream, first = rank_batches(self.plan, self.rank, b)
             positions = np.arange(first, min(first + self.plan.batch_size, self.plan.length))
-            yield _collate([self._item(stream, int(p), *shards.read_zarr(int(s), int(k)))
-                            for p, s, k in zip(positions, *self.plan.locate(stream, positions))])
+            got = [shards.read_zarr(int(s), int(k)) for s, k in zip(*self.plan.locate(stream, positions))]
+            yield self._batch(stream, positions.tolist(), got)
+
+    def _decode(self, sample: dict | BadClip) -> tuple[str, np.ndarray, np.ndarray] | BadClip:
+        if isinstance(sample, BadClip):
+            return sample
+        key = sample["__key__"]
+        try:
+            return key, *decode_wds_sample(sample, self.info)
+        except Exception as e:
+            return BadClip(sample.get("__shard__", str(sample.get("__url__"))), key, _reason(e))
 
     def _wds_batches(self, batches: range, workers: int) -> Iterator[dict[str, Any]]:
         if not len(batches):
@@ -553,41 +785,93 @@ class ClipStream(IterableDataset):
         order = self.plan.order(stream)
         order.skip(first)           # a resumed stream: the buffer's draws replayed, no data read
         source = self._wds_source(stream, set(order.buffer), order.fed)
-        held: dict[int, dict] = {}
+        held: dict[int, dict | BadClip] = {}
+        strays: list[BadClip] = []
         while positions := order.take(self.plan.batch_size):
-            items = []
+            got = []
             for p in positions:
                 while p not in held:
                     q, sample = next(source)
-                    held[q] = sample
-                sample = held.pop(p)
-                items.append(self._item(stream, p, sample["__key__"], *decode_wds_sample(sample, self.info)))
-            yield _collate(items)
-        for _ in source:    # finish the stream, so its last shard's clip count is checked too
-            pass
+                    if q is None:
+                        strays.append(sample)
+                    else:
+                        held[q] = sample
+                got.append(self._decode(held.pop(p)))
+            if order.done == order.n:   # the last batch: finish the stream first, so its last shard's
+                for q, sample in source:    # clip count is checked and any stray sample reported with it
+                    if q is None:
+                        strays.append(sample)
+            yield self._batch(stream, positions, got, strays)
+            strays = []
 
-    def _wds_source(self, stream: int, buffered: set[int], fed: int) -> Iterator[tuple[int, dict]]:
-        """(position, raw sample) of every position the stream still outputs (those in the shuffle
-        buffer, and from `fed` on), in read order. Shards before the first of them are not opened."""
+    def _wds_source(self, stream: int, buffered: set[int], fed: int) -> Iterator[tuple[int | None, dict | BadClip]]:
+        """(position, raw sample or BadClip) of every position the stream still outputs (those in the
+        shuffle buffer, and from `fed` on), in read order, and (None, BadClip) for stray samples. Shards
+        before the first of them are not opened."""
         shards = _Shards(self.info, self.plan.rows)
         for p0, shard, k0, n in self.plan.segments(stream, min(buffered, default=fed)):
             wanted = [p for p in range(p0, p0 + n) if p >= fed or p in buffered]
-            if wanted:
-                opened = shards.open(shard)
-                yield from _tar_samples(self.info, shard, opened.clip_ids,
-                                        {int(opened.rows[k0 + p - p0]): p for p in wanted})
+            if not wanted:
+                continue
+            opened = shards.open(shard)
+            if opened.error is not None:
+                for p in wanted:
+                    yield p, opened.bad(k0 + p - p0)
+            else:
+                yield from _tar_samples(self.info, shard, opened, {int(opened.rows[k0 + p - p0]): p for p in wanted})
+
+
+class BadClipBudget:
+    """Counts, in the main process, the bad clips a rank's loader reported (`batch["skipped"]`), logs
+    each with its shard and reason, and raises TooManyBadClipsError past `limit`."""
+
+    def __init__(self, limit: int = 0, where: str = "this rank", count: int = 0):
+        self.limit, self.where, self.count = limit, where, count
+        self.by_shard: Counter[str] = Counter()
+
+    def admit(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        skipped = batch.get("skipped") or []
+        for rec in skipped:
+            self.count += 1
+            self.by_shard[rec["shard"]] += 1
+            log.warning("bad clip %s of shard %s skipped (%d on %s, at most %d): %s", rec["clip_id"], rec["shard"],
+                        self.count, self.where, self.limit, rec["reason"])
+            if self.count > self.limit:
+                most = ", ".join(f"{s}: {c}" for s, c in self.by_shard.most_common(3))
+                raise TooManyBadClipsError(
+                    f"shard {rec['shard']}, clip {rec['clip_id']}: {rec['reason']} -- {self.count} bad clips on "
+                    f"{self.where}, more than --max-bad-clips {self.limit} allows (by shard: {most})",
+                    shard=rec["shard"], count=self.count, limit=self.limit)
+        return skipped
+
+
+class Batches:
+    """A DataLoader's batches, each admitted by a BadClipBudget before it is handed out."""
+
+    def __init__(self, loader: DataLoader, budget: BadClipBudget):
+        self.loader, self.budget = loader, budget
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.budget.admit(batch)
+            yield batch
 
 
 class TrainData:
-    """Epochs of batches for one rank; `epoch(e, start)` is an iterator over a DataLoader."""
+    """Epochs of batches for one rank; `epoch(e, start)` is an iterator over a DataLoader. Bad clips are
+    counted over the whole run in `bad_clips` (at most `max_bad_clips`, see the module docstring)."""
 
     def __init__(self, info: StoreInfo, *, fmt: str = "webdataset", batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 augment: float = 0.0, rows: Selection | None = None):
+                 augment: float = 0.0, rows: Selection | None = None, max_bad_clips: int = 0):
         self.info, self.fmt, self.batch_size, self.seed = info, fmt, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer, self.augment = shuffle_buffer, augment
         self.rows = rows if rows is not None else Selection(info.counts)
+        self.bad_clips = BadClipBudget(max_bad_clips, f"rank {rank}" if world_size > 1 else "this rank")
         if fmt not in info.formats:
             raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(info.formats) or 'none'})")
 
@@ -599,15 +883,18 @@ class TrainData:
     def batches_per_epoch(self) -> int:
         return self.plan(0).batches_per_rank
 
-    def epoch(self, epoch: int, start: int = 0) -> DataLoader:
+    def epoch(self, epoch: int, start: int = 0) -> Batches:
         ds = ClipStream(self.info, self.plan(epoch), fmt=self.fmt, rank=self.rank, start=start, augment=self.augment)
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+        return Batches(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=torch.cuda.is_available(), prefetch_factor=2 if self.num_workers else None,
+                                  persistent_workers=False), self.bad_clips)
 
 
 def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
-                 rows: Selection | None = None) -> DataLoader:
-    """The selected clips (default: the whole store), each once, in store order, without augmentation."""
+                 rows: Selection | None = None, max_bad_clips: int = 0) -> Batches:
+    """The selected clips (default: the whole store), each once, in store order, without augmentation.
+    Bad clips are dropped from their batch (which may come out empty) and counted in the result's
+    `budget`, at most `max_bad_clips` per pass."""
     rows = rows if rows is not None else Selection(info.counts)
     ends = np.cumsum(rows.counts)
     if not len(ends) or ends[-1] == 0:
@@ -616,7 +903,8 @@ def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
     # clip is counted twice.
     plan = EpochPlan(rows=rows, shard_order=np.arange(len(ends)), ends=ends, length=int(ends[-1]),
                      batch_size=batch_size, streams_per_rank=1)
-    return DataLoader(ClipStream(info, plan, fmt=fmt, rank=0), batch_size=None, num_workers=0)
+    return Batches(DataLoader(ClipStream(info, plan, fmt=fmt, rank=0, compact=True), batch_size=None, num_workers=0),
+                   BadClipBudget(max_bad_clips, "the evaluation"))
 
 
 def synthetic_batches(info: StoreInfo, batch_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:

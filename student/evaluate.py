@@ -30,6 +30,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, to_pi
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        if len(batch["target"]) == 0:      # every clip of the batch was bad (and dropped by the loader)
+            continue
         target = batch["target"].to(device, non_blocking=True).float()
         pixels = to_pixels(batch)
         with autocast():

@@ -31,7 +31,17 @@ def cos_smoothl1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) ->
     return (1 - cos).mean() + F.smooth_l1_loss(pred, target, beta=beta)
 
 
-def distill_loss(name: str, pred: torch.Tensor, target: torch.Tensor, clip_sigma: float = 3.0) -> torch.Tensor:
+def distill_loss(name: str, pred: torch.Tensor, target: torch.Tensor, clip_sigma: float = 3.0,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss over the clips (first axis) that `valid` (bool [B], on any device) marks, all by
+    default: the rows of bad clips the loader filled with zeros take no part. With no valid clip the
+    loss is an exact zero still connected to the graph, so a DDP rank whose whole batch was bad
+    takes its step with the others and contributes a zero gradient."""
+    if valid is not None and not bool(valid.all()):
+        if not bool(valid.any()):
+            return pred.float().sum() * 0.0
+        keep = valid.nonzero().squeeze(1).to(pred.device)
+        pred, target = pred.index_select(0, keep), target.index_select(0, keep)
     if name == "mse_clip":
         return mse_clip(pred, target, clip_sigma)
     if name == "cos_smoothl1":

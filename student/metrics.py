@@ -1,9 +1,11 @@
-"""Training metrics: one JSON object per logged step (DIR/metrics.jsonl), the same scalars to
-TensorBoard (DIR/tb/), and a progress bar when stderr is a terminal. Only rank 0 writes."""
+"""Training metrics: one JSON object per logged step (DIR/metrics.jsonl; a non-finite value is
+written as null), the same scalars to TensorBoard (DIR/tb/), and a progress bar when stderr is a
+terminal. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,11 +65,12 @@ class MetricsLog:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **values, "time": time.time()}
+        # A skipped step's NaN loss is JSON null, not the NaN token strict readers (jq, DuckDB) refuse.
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
-            if self.tb is not None and isinstance(v, (int, float)):
+            if self.tb is not None and isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.n = step
@@ -79,6 +82,10 @@ class MetricsLog:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def drop_after(path: Path, step: int) -> None:

@@ -6,6 +6,19 @@
 DIR ends as a `save_pretrained` directory of the student (with the store's target statistics in
 its config) beside checkpoints/, metrics.jsonl, tb/ and eval.json. The loop below is kept flat on
 purpose (nanoGPT style): read `train()` top to bottom to see everything one step does.
+
+Bad values never reach a checkpoint:
+- the config is checked field by field (`TrainConfig` metadata and `check()`) before anything runs;
+- the store's target statistics must be finite (else StoreContentError at start);
+- a bad clip (see student.data) is skipped: its row of the batch is masked out of the loss, logged
+  with its shard, appended to skipped-clips-rankR.jsonl and counted (`data/skipped_clips`); more
+  than --max-bad-clips on a rank raises TooManyBadClipsError naming the shard;
+- a step whose loss or gradient norm is not finite on any rank is not applied on any rank (it still
+  advances the step count, the LR schedule and the loader; `train/skipped_steps`); more than
+  --max-bad-steps in a row raise NonFiniteTrainingError;
+- a checkpoint or final model with a NaN or inf in its weights or optimizer state is not written
+  (checkpoint.NonFiniteWeightsError).
+The counts are part of the checkpoint, so a resumed run keeps counting where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pipeline.config import parse_config, to_dict
+from pipeline.config import ConfigError, check_config, parse_config, to_dict
 from student import checkpoint
 from student.data import (FORMATS, Selection, StoreInfo, TrainData, check_store_matches, eval_batches,
                           heldout_split, jitter_frames, read_store, synthetic_batches)
@@ -33,44 +46,80 @@ from student.loss import LOSSES, distill_loss
 from student.metrics import MetricsLog, StepTimer, drop_after
 
 
+def _eval_fractions() -> tuple[float, ...]:
+    from pipeline.store import HELDOUT_LEVELS     # the levels whose held-out counts the manifest holds
+
+    return (0.0, *HELDOUT_LEVELS)
+
+
+def _presets() -> tuple[str, ...]:
+    from student.presets import PRESETS
+
+    return tuple(PRESETS)
+
+
 @dataclass
 class TrainConfig:
     """Train the LiteFrame student on a store of teacher targets (CTD)."""
 
     data: str = field(metadata={"help": "store root written by jobs.extract (local dir or s3://...)"})
     output: str = field(metadata={"help": "local run directory: the trained model, checkpoints/, metrics"})
-    preset: str = field(default="vitb", metadata={"help": "student preset (vitb, tiny, ...)"})
+    preset: str = field(default="vitb", metadata={"choices": _presets(), "help": "student preset (vitb, tiny, ...)"})
     init_from: Optional[str] = field(default=None, metadata={"help": "start from this save_pretrained student"})
     init_from_teacher: Optional[str] = field(default=None, metadata={
         "help": "initialise the preset's student by clipping this teacher checkpoint's weights (the paper's init)"})
-    format: str = field(default="webdataset", metadata={"help": f"store format to read: {', '.join(FORMATS)}"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps; the LR schedule spans them"})
-    stop_after: Optional[int] = field(default=None, metadata={
+    format: str = field(default="webdataset", metadata={"choices": FORMATS,
+                                                        "help": f"store format to read: {', '.join(FORMATS)}"})
+    max_steps: int = field(default=1000, metadata={"min": 1, "help": "optimizer steps; the LR schedule spans them"})
+    stop_after: Optional[int] = field(default=None, metadata={"min": 1,
         "help": "leave after this many steps in this invocation (time-sliced jobs); --resume continues"})
-    batch_size: int = field(default=8, metadata={"help": "clips per rank per step"})
-    lr: float = field(default=4e-5, metadata={"help": "peak learning rate (AdamW)"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "final LR as a fraction of the peak"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay"})
-    weight_decay: float = 0.05
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    loss: str = field(default="mse_clip", metadata={"help": f"one of {', '.join(LOSSES)}"})
-    clip_sigma: float = field(default=3.0, metadata={"help": "mse_clip: clamp differences beyond this many target std"})
-    augment: float = field(default=0.2, metadata={"help": "photometric jitter strength (0 disables)"})
-    shuffle_buffer: int = field(default=256, metadata={"help": "webdataset shuffle buffer (clips per stream)"})
-    num_workers: int = field(default=2, metadata={"help": "loader worker processes per rank"})
-    seed: int = 0
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "clips per rank per step"})
+    lr: float = field(default=4e-5, metadata={"min": 0, "help": "peak learning rate (AdamW), > 0"})
+    min_lr_ratio: float = field(default=0.0, metadata={"min": 0, "max": 1,
+                                                       "help": "final LR as a fraction of the peak"})
+    warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear warm-up steps, then cosine decay "
+                                                                     "(longer than --max-steps: warm-up only)"})
+    weight_decay: float = field(default=0.05, metadata={"min": 0, "help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "gradient-norm clip, > 0"})
+    loss: str = field(default="mse_clip", metadata={"choices": LOSSES, "help": f"one of {', '.join(LOSSES)}"})
+    clip_sigma: float = field(default=3.0, metadata={"min": 0, "help": "mse_clip: clamp differences beyond this "
+                                                                       "many target std (0: plain MSE)"})
+    augment: float = field(default=0.2, metadata={"min": 0, "max": 1,
+                                                  "help": "photometric jitter strength, below 1 (0 disables)"})
+    shuffle_buffer: int = field(default=256, metadata={"min": 0, "help": "webdataset shuffle buffer (clips per "
+                                                                         "stream; 0 or 1: no shuffle)"})
+    num_workers: int = field(default=2, metadata={"min": 0, "help": "loader worker processes per rank"})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1, "help": "seed of the sample order, "
+                                                                             "augmentation and initialisation"})
     eval_data: Optional[str] = field(default=None, metadata={"help": "a second store to evaluate on"})
-    eval_fraction: float = field(default=0.0, metadata={
+    eval_fraction: float = field(default=0.0, metadata={"choices": _eval_fractions(),
         "help": "hold out this fraction of videos for evaluation: 0 or one of pipeline.store.HELDOUT_LEVELS"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
-    eval_batches: Optional[int] = field(default=None, metadata={"help": "cap on evaluation batches"})
-    checkpoint_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0: never)"})
-    keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K checkpoints"})
+    eval_every: int = field(default=0, metadata={"min": 0, "help": "evaluate every N steps (0: only at the end)"})
+    eval_batches: Optional[int] = field(default=None, metadata={"min": 1, "help": "cap on evaluation batches"})
+    checkpoint_every: int = field(default=500, metadata={"min": 0,
+                                                         "help": "save a checkpoint every N steps (0: never)"})
+    keep_checkpoints: int = field(default=3, metadata={"min": 0, "help": "keep the last K checkpoints (0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUTPUT"})
-    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU), bf16 or fp32"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "log metrics every N steps"})
+    precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32"),
+                                                     "help": "auto (bf16 autocast on GPU), bf16 or fp32"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
     trace_samples: bool = field(default=False, metadata={"help": "write each step's clip ids to samples-rankR.jsonl"})
+    max_bad_clips: int = field(default=16, metadata={"min": 0,
+        "help": "bad clips (undecodable, non-finite, missing) each rank skips and logs; one more stops the run"})
+    max_bad_steps: int = field(default=5, metadata={"min": 0,
+        "help": "steps in a row whose loss or gradients are not finite that are skipped; one more stops the run"})
+
+    def check(self) -> None:
+        """Rules the field bounds cannot say: strict bounds, and fields that exclude each other."""
+        problems = [f"--{name.replace('_', '-')}: {getattr(self, name)} must be > 0"
+                    for name in ("lr", "grad_clip") if not getattr(self, name) > 0]
+        if not self.augment < 1:
+            problems.append(f"--augment: {self.augment} must be below 1 (1 can scale a clip to black)")
+        if self.init_from and self.init_from_teacher:
+            problems.append("--init-from and --init-from-teacher exclude each other")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 # ---------------------------------------------------------------- set-up
@@ -110,28 +159,6 @@ SCHEDULE_FIELDS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
 
 def store_identity(info: StoreInfo) -> dict[str, Any]:
     return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": int(info.counts.sum())}
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Fail before any data is read or any process group is made."""
-    from pipeline.store import HELDOUT_LEVELS
-
-    problems = []
-    if cfg.loss not in LOSSES:
-        problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    if cfg.format not in FORMATS:
-        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    if cfg.init_from and cfg.init_from_teacher:
-        problems.append("--init-from and --init-from-teacher exclude each other")
-    if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.num_workers < 0:
-        problems.append("--batch-size and --max-steps must be >= 1, --num-workers >= 0")
-    if cfg.eval_fraction != 0 and cfg.eval_fraction not in HELDOUT_LEVELS:   # the levels the manifest counts
-        problems.append(f"--eval-fraction must be 0 or one of {', '.join(map(str, HELDOUT_LEVELS))}, "
-                        f"got {cfg.eval_fraction}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo, world_size: int) -> None:
@@ -209,19 +236,36 @@ class Trainer:
             frames = jitter_frames(frames, batch["jitter"].to(self.env.device))
         return self.module.preprocess(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
 
-    def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One step: (loss, gradient norm, applied). A step whose loss or gradient norm is not finite on
+        any rank is not applied (every rank agrees: see `_finite`); it still counts as a step of the
+        schedule, so the LR and the loader stay a function of the step number."""
         target = batch["target"].to(self.env.device, non_blocking=True)
         z = (target.float() - self.mean) / self.std          # standardised with the store's statistics
         pixels = self.pixels(batch)                            # float32: jitter and normalisation
         with self.autocast():
             pred = self.model(pixels)
-        loss = distill_loss(self.cfg.loss, pred, z, self.cfg.clip_sigma)
+        loss = distill_loss(self.cfg.loss, pred, z, self.cfg.clip_sigma, valid=batch.get("valid"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        applied = self._finite(loss, grad_norm)
+        if applied:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss.detach(), grad_norm.detach()
+        return loss.detach(), grad_norm.detach(), applied
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step is safe to apply, the same answer on every rank. Under DDP the gradients,
+        hence the norm, are already averaged over ranks (a NaN anywhere is a NaN everywhere), but the
+        loss is each rank's own (a clamped or masked NaN can leave finite gradients): so one MIN
+        all-reduce of the flag. One host sync per step."""
+        flag = (torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.detach().float())).float().reshape(1)
+        if self.env.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -233,6 +277,28 @@ def _mean_over_ranks(x: torch.Tensor, env: Dist) -> float:
         dist.all_reduce(x)
         x /= env.world_size
     return x.item()
+
+
+def _sum_over_ranks(value: int, env: Dist) -> int:
+    x = torch.tensor([value], dtype=torch.int64, device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(x)
+    return int(x.item())
+
+
+def _gather_ints(value: int, env: Dist) -> list[int]:
+    """One integer of every rank, by rank, on every rank."""
+    t = torch.tensor([value], dtype=torch.int64, device=env.device)
+    if env.world_size == 1:
+        return [value]
+    out = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """More steps in a row than --max-bad-steps had a non-finite loss or gradient: the run diverged (or
+    its data is bad in a way the loader cannot see); the last checkpoint holds finite weights."""
 
 
 def _rng_states(env: Dist) -> dict[str, torch.Tensor]:
@@ -310,10 +376,11 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         check_store_matches(trainer.module.config, eval_info)
     data = TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
                      world_size=env.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                     augment=cfg.augment, rows=rows)
+                     augment=cfg.augment, rows=rows, max_bad_clips=cfg.max_bad_clips)
 
     per_epoch = data.batches_per_epoch()
     step, epoch, batch_in_epoch = 0, 0, 0
+    skipped_steps, bad_in_row = 0, 0     # steps not applied (non-finite), in all and in a row now
     last = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if last is not None:
         state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
@@ -321,6 +388,9 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         trainer.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(rng, env)
         step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
+        health = state.get("health", {})
+        data.bad_clips.count = int(health.get("bad_clips", [0] * env.world_size)[env.rank])
+        skipped_steps, bad_in_row = int(health.get("skipped_steps", 0)), int(health.get("bad_steps_in_row", 0))
         if env.main:
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
     elif cfg.resume and env.main:
@@ -328,6 +398,9 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     trainer.wrap()
 
     log = MetricsLog(out, env.main, cfg.max_steps, step)
+    bad_clips_path = out / f"skipped-clips-rank{env.rank}.jsonl"
+    drop_after(bad_clips_path, step)
+    bad_clips_file = None
     trace = None
     if cfg.trace_samples:
         out.mkdir(parents=True, exist_ok=True)
@@ -346,10 +419,11 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         result: dict[str, Any] = {}
         if env.main and eval_info is not None:
             batches = eval_batches(eval_info, batch_size=cfg.batch_size, fmt=cfg.format,
-                                   rows=heldout if eval_info is info else None)
+                                   rows=heldout if eval_info is info else None, max_bad_clips=cfg.max_bad_clips)
             result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
                               target_std=trainer.std, device=env.device, autocast=trainer.autocast,
                               max_batches=cfg.eval_batches)
+            result["skipped_clips"] = batches.budget.count
             log.log(step, {f"eval/{k}": v for k, v in result.items()})
         _barrier(env)
         return result
@@ -358,26 +432,55 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         while step < stop_at:
             batches = iter(data.epoch(epoch, batch_in_epoch))
             timer.reset()
-            for batch in batches:
+            for batch in batches:       # each batch's bad clips already counted, logged (or fatal)
                 timer.batch_ready()
-                loss, grad_norm = trainer.step(batch)
+                loss, grad_norm, applied = trainer.step(batch)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
                 step += 1
                 batch_in_epoch += 1
-                timer.step_done(len(batch["clip_id"]))
+                valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["clip_id"])
+                timer.step_done(sum(valid))
+                skipped = batch.get("skipped", [])
+                if skipped:
+                    if bad_clips_file is None:
+                        out.mkdir(parents=True, exist_ok=True)
+                        bad_clips_file = open(bad_clips_path, "a")
+                    for rec in skipped:
+                        bad_clips_file.write(json.dumps({"step": step, "epoch": epoch, **rec}) + "\n")
+                    bad_clips_file.flush()
+                bad_in_row = 0 if applied else bad_in_row + 1
+                skipped_steps += not applied
+                if not applied and env.main:
+                    print(f"step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g} (rank 0's): "
+                          f"not finite on some rank, update skipped ({bad_in_row} in a row, at most "
+                          f"{cfg.max_bad_steps})", file=sys.stderr, flush=True)
                 if trace is not None:
-                    trace.write(json.dumps({"step": step, "epoch": epoch, "clip_id": batch["clip_id"]}) + "\n")
-                if step % cfg.log_every == 0 or step == stop_at:
+                    record = {"step": step, "epoch": epoch,
+                              "clip_id": [c for c, ok in zip(batch["clip_id"], valid) if ok]}
+                    if skipped:
+                        record["skipped"] = [r["clip_id"] for r in skipped]
+                    if not applied:
+                        record["applied"] = False
+                    trace.write(json.dumps(record) + "\n")
+                fatal = bad_in_row > cfg.max_bad_steps      # the same on every rank: `applied` is agreed
+                if step % cfg.log_every == 0 or step == stop_at or fatal:
                     speed = timer.summary()
                     last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
                                     "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
                                     "clips_per_s": speed["clips_per_s"] * env.world_size,
-                                    "data_wait_frac": speed["data_wait_frac"]}
+                                    "data_wait_frac": speed["data_wait_frac"],
+                                    "data/skipped_clips": _sum_over_ranks(data.bad_clips.count, env),
+                                    "train/skipped_steps": skipped_steps}
                     log.log(step, last_metrics)
                     if on_log is not None:
                         on_log(step, last_metrics)
                     timer.reset()
+                if fatal:
+                    raise NonFiniteTrainingError(
+                        f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient norm, more "
+                        f"than --max-bad-steps {cfg.max_bad_steps}: the run diverged (lower --lr, raise "
+                        f"--warmup-steps, or check the data); the last checkpoint in {ckpt_dir} holds finite weights")
                 if batch_in_epoch == per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
                 if preemption.requested(env):
@@ -385,13 +488,18 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                     if env.main:
                         print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
+                    # every rank checks (the weights are the same on all), so all stop together
+                    checkpoint.check_finite(trainer.module, trainer.optimizer, f"checkpoint of step {step}")
                     rng = _rng_states(env)
+                    health = {"bad_clips": _gather_ints(data.bad_clips.count, env), "skipped_steps": skipped_steps,
+                              "bad_steps_in_row": bad_in_row}
                     if env.main:
                         checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
                             "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
                                                      "clips": batch_in_epoch * cfg.batch_size},
                             "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
-                            "world_size": env.world_size, "store": store_identity(info)}, rng, cfg.keep_checkpoints)
+                            "world_size": env.world_size, "store": store_identity(info), "health": health},
+                            rng, cfg.keep_checkpoints)
                     _barrier(env)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     run_eval()
@@ -399,11 +507,13 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                     break
                 timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
     finally:
-        if trace is not None:
-            trace.close()
+        for f in (trace, bad_clips_file):
+            if f is not None:
+                f.close()
         preemption.close()
 
     if step >= cfg.max_steps:
+        checkpoint.check_finite(trainer.module, None, "final model")
         if env.main:   # the model first: a failing evaluation must not cost the trained weights
             trainer.module.save_pretrained(out)
         eval_result = run_eval()

@@ -127,9 +127,14 @@ def test_ddp_two_gloo_processes_and_their_exact_resume(store_root, tmp_path):
         assert (a / f"samples-rank{r}.jsonl").read_text() == (b / f"samples-rank{r}.jsonl").read_text()
 
 
-def test_eval_fraction_must_be_a_level_the_manifest_counts(store_root, tmp_path):
-    with pytest.raises(ValueError, match=r"--eval-fraction must be 0 or one of 0.001, .*, 0.5, got 0.3"):
-        train(_cfg(store_root, tmp_path / "run", "--max-steps", "2", "--eval-fraction", "0.3"))
+def test_eval_fraction_must_be_a_level_the_manifest_counts(store_root, tmp_path, capsys):
+    from student.train import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--data", store_root, "--output", str(tmp_path / "run"), "--max-steps", "2", "--eval-fraction", "0.3"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--eval-fraction: 0.3 is not one of 0.0, 0.001, " in err and "0.5" in err
     assert not (tmp_path / "run").exists()
 
 
