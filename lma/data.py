@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -22,6 +22,7 @@ from pipeline.remote import storage_options
 VIDEO_PLACEHOLDER = "<video>"
 TIME_MARKER = "<t={:.1f}s>"
 IGNORE_INDEX = -100
+MAX_RECORD_BYTES = 1 << 20  # a conversation longer than this is no training record, whatever it holds
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
@@ -118,25 +119,53 @@ def resolve_video(video: str, base: str) -> str:
     return posixpath.join(base, video)
 
 
-def read_records(uri: str, placeholder: str = VIDEO_PLACEHOLDER) -> tuple[list[VideoRecord], list[RecordError]]:
-    """All usable records of a JSONL file (local or any fsspec URL), and one error per bad line."""
+def read_records(uri: str, placeholder: str = VIDEO_PLACEHOLDER,
+                 max_line_bytes: int = MAX_RECORD_BYTES) -> tuple[list[VideoRecord], list[RecordError]]:
+    """All usable records of a JSONL file (local or any fsspec URL), and one error per bad line.
+    A line longer than `max_line_bytes` is an error without being held or parsed."""
     base = posixpath.dirname(uri)
-    with fsspec.open(uri, "rt", encoding="utf-8", errors="replace", **storage_options(uri)) as f:
-        lines = f.read().splitlines()
     records, errors = [], []
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append(RecordError(n, f"not JSON: {e}"))
-            continue
-        try:
-            records.append(parse_record(obj, n, base, placeholder))
-        except RecordError as e:
-            errors.append(e)
+    with fsspec.open(uri, "rb", **storage_options(uri)) as f:
+        for n, raw in enumerate(_lines(f, max_line_bytes), start=1):
+            if raw is None:
+                errors.append(RecordError(n, f"longer than {max_line_bytes} bytes: not parsed"))
+                continue
+            text = raw.decode("utf-8", "replace")
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
+                errors.append(RecordError(n, f"not JSON: {type(e).__name__}: {e}"[:500]))
+                continue
+            try:
+                records.append(parse_record(obj, n, base, placeholder))
+            except RecordError as e:
+                errors.append(e)
     return records, errors
+
+
+def _lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a binary stream; a line over `max_bytes` comes out as None and is dropped as it
+    streams by, so memory stays about `max_bytes` whatever one line holds."""
+    buf, dropping = bytearray(), False
+    for chunk in iter(lambda: f.read(1 << 16), b""):
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            if dropping:  # the end of a line already reported as too long
+                dropping = False
+            else:
+                yield bytes(buf[start:end]) if end - start <= max_bytes else None
+            start = end + 1
+        del buf[:start]
+        if len(buf) > max_bytes:
+            if not dropping:
+                yield None
+            dropping = True
+            buf.clear()
+    if buf and not dropping:
+        yield bytes(buf)
 
 
 def sample_timestamps(duration: float, frames: int, available: int | None = None) -> list[float]:
@@ -146,16 +175,23 @@ def sample_timestamps(duration: float, frames: int, available: int | None = None
     return [(i + 0.5) * duration / n for i in range(n)]
 
 
-def load_frames(uri: str, frames: int, size: int, timeout: float | None = None):
-    """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
-    Raises `pipeline.errors.VideoError` subclasses for unusable videos."""
-    # Imported here: the model, tokenisation and benchmarks must run where ffmpeg is not installed.
-    from pipeline.video import decode_frames, probe
-
-    info = probe(uri, timeout=timeout or 30.0)
+def video_timestamps(info, frames: int) -> list[float]:
+    """The times `load_frames` asks for in a probed video (`pipeline.video.VideoInfo`)."""
     available = info.num_frames or int(info.duration * info.avg_fps) or None
-    decoded = decode_frames(uri, sample_timestamps(info.duration, frames, available), size=size,
-                            timeout=timeout, info=info)
+    return sample_timestamps(info.duration, frames, available)
+
+
+def load_frames(uri: str, frames: int, size: int, timeout: float | None = None, policy=None):
+    """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
+    `policy`: a `pipeline.video.InputPolicy` (default: its defaults), the same rules as extraction.
+    Raises `pipeline.errors.VideoError` subclasses for unusable or refused videos."""
+    # Imported here: the model, tokenisation and benchmarks must run where ffmpeg is not installed.
+    from pipeline.video import DEFAULT_POLICY, decode_frames, probe
+
+    policy = policy or DEFAULT_POLICY
+    info = probe(uri, timeout=timeout or 30.0, policy=policy)
+    decoded = decode_frames(uri, video_timestamps(info, frames), size=size, timeout=timeout, info=info,
+                            policy=policy)
     return decoded.frames, decoded.timestamps
 
 

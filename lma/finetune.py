@@ -4,8 +4,14 @@
         --data train.jsonl --output runs/lma [--frames 256] [--grad-accum 128] [--resume]
 
 Bad JSONL lines and unusable videos go to `<output>/skipped.jsonl` with their line number and
-are skipped; the run goes on. Sample order is a pure function of (seed, epoch), so `--resume`
-continues from the last checkpoint exactly (same batches, same dropout masks, same schedule).
+are skipped; the run goes on. Before training every record's video is probed (and its prompt
+measured), so `--epochs` counts passes over the records that can really be trained on. Sample order
+is a pure function of (seed, epoch) over those records, so `--resume` continues from the last
+checkpoint exactly (same batches, same dropout masks, same schedule).
+
+A step whose loss or gradient norm is not finite is not applied (the schedule still advances);
+`--max-nonfinite-steps` such steps in a row stop the run, and weights that are not finite are never
+saved, as a checkpoint or as the final model.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records
+from lma.data import Example, VideoRecord, collate, epoch_order, load_frames, read_records, video_timestamps
 from lma.modeling import DEFAULT_LORA_TARGETS, VideoLLM, resolve_device
 from pipeline.config import log_to_stderr, parse_config, to_dict
 from pipeline.errors import VideoError
@@ -74,6 +80,12 @@ class FinetuneConfig:
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     decode_timeout: float = field(default=120.0, metadata={"help": "seconds per video decode"})
+    allow_schemes: tuple[str, ...] = field(default=(), metadata={
+        "help": "video URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
+    max_record_bytes: int = field(default=1 << 20, metadata={
+        "help": "longest JSONL line read; a longer one is skipped unparsed"})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)"})
     prefetch: int = field(default=4, metadata={"help": "videos decoded ahead in background threads"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output"})
     merge: bool = field(default=False, metadata={"help": "merge the LoRA adapter into the saved LLM"})
@@ -81,6 +93,11 @@ class FinetuneConfig:
 
 class FinetuneError(ValueError):
     """A run that cannot start or continue as asked (a changed config on --resume, no usable record)."""
+
+
+class NonFiniteError(FinetuneError):
+    """Training diverged: too many non-finite steps in a row, or weights about to be saved are not
+    finite. The last checkpoint written is still good (none is ever written with such weights)."""
 
 
 class SkipLog:
@@ -123,7 +140,8 @@ class VideoStream:
 
     def _decode(self, record: VideoRecord):
         size = tuple(self.size) if isinstance(self.size, (list, tuple)) else self.size
-        return load_frames(record.video, self.cfg.frames, size, timeout=self.cfg.decode_timeout)
+        return load_frames(record.video, self.cfg.frames, size, timeout=self.cfg.decode_timeout,
+                           policy=input_policy(self.cfg))
 
     def _upcoming(self) -> Iterator[tuple[int, int, VideoRecord]]:
         epoch, cursor = self.position.epoch, self.position.cursor
@@ -179,6 +197,67 @@ class TrainableWeights(nn.Module):
         return nn.modules.module._IncompatibleKeys([], [])
 
 
+def input_policy(cfg: FinetuneConfig):
+    """The extraction job's rules for the records' videos (pipeline.video.InputPolicy)."""
+    from pipeline.video import InputPolicy
+
+    return InputPolicy(allow_schemes=cfg.allow_schemes)
+
+
+def usable_records(records: list[VideoRecord], model: VideoLLM, cfg: FinetuneConfig,
+                   skipped: SkipLog) -> list[VideoRecord]:
+    """The records a run trains on: video accepted and probed (`prefetch` at a time), conversation
+    within max_length with the frames it will get; every other one goes to the skip log. Epochs and
+    the schedule count these, not the parsed lines. A video that probes but fails to decode later is
+    still skipped then."""
+    from pipeline.video import probe
+
+    policy = input_policy(cfg)
+    limit = cfg.max_length or getattr(model.llm.config, "max_position_embeddings", None)
+
+    def check(rec: VideoRecord):
+        try:
+            return probe(rec.video, timeout=cfg.decode_timeout, policy=policy)
+        except VideoError as err:
+            return err
+
+    todo = [r for r in records if r.line not in skipped.lines]
+    usable = []
+    with ThreadPoolExecutor(max(1, cfg.prefetch)) as pool:
+        for rec, got in zip(todo, pool.map(check, todo)):
+            if isinstance(got, VideoError):
+                skipped.add(rec.line, rec.video, got.stage, type(got).__name__, got.message)
+                continue
+            try:  # tokenised here, not in the pool: a fast tokenizer is not safe to share between threads
+                model.prompt(rec.messages, video_timestamps(got, cfg.frames), max_length=limit)
+            except ValueError as err:
+                skipped.add(rec.line, rec.video, "tokenize", type(err).__name__, str(err))
+                continue
+            usable.append(rec)
+    return usable
+
+
+def _checkpointed_records(records: list[VideoRecord], state: dict, path: Path) -> list[VideoRecord]:
+    """The records the checkpoint's run trained on (its sample order depends on them), by line.
+    A checkpoint written before usable records were counted trained on every parsed record."""
+    lines = state.get("records")
+    if lines is None:
+        return records
+    by_line = {r.line: r for r in records}
+    missing = [n for n in lines if n not in by_line]
+    if missing:
+        raise FinetuneError(f"--resume: lines {missing[:5]} of {path}'s records no longer parse; "
+                            "use a new --output for different data")
+    return [by_line[n] for n in lines]
+
+
+def _check_finite(model: VideoLLM, what: str) -> None:
+    """Refuse to save trained weights that are not finite (a diverged step made them so)."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"{len(bad)} trained weights are not finite (e.g. {bad[0]}): {what} not written")
+
+
 def _rng_states() -> dict[str, torch.Tensor]:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -186,8 +265,9 @@ def _rng_states() -> dict[str, torch.Tensor]:
     return rng
 
 
-def resume(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tuple[int, Position]:
-    """Restore a checkpoint of the same run (refuses one whose run-defining settings differ)."""
+def resume(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tuple[int, Position, dict]:
+    """Restore a checkpoint of the same run (refuses one whose run-defining settings differ).
+    Returns (step, data position, non-finite step counters)."""
     state, rng = checkpoint.load(path, TrainableWeights(model), opt)
     now = to_dict(cfg)
     changed = [k for k in _RUN_DEFINING if state["config"].get(k) != now.get(k)]
@@ -198,7 +278,8 @@ def resume(path: Path, model: VideoLLM, opt, sched, cfg: FinetuneConfig) -> tupl
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    return state["step"], Position(state["loader"]["epoch"], state["loader"]["cursor"])
+    nonfinite = state.get("nonfinite", {"total": 0, "in_a_row": 0})
+    return state["step"], Position(state["loader"]["epoch"], state["loader"]["cursor"]), nonfinite
 
 
 def _examples(model: VideoLLM, stream: Iterator, cfg: FinetuneConfig, skipped: SkipLog):
@@ -225,7 +306,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     skipped = SkipLog(output / "skipped.jsonl")
-    records, errors = read_records(cfg.data)
+    records, errors = read_records(cfg.data, max_line_bytes=cfg.max_record_bytes)
     for err in errors:
         skipped.add(err.line, err.video, "parse", type(err).__name__, err.message)
     if not records:
@@ -236,6 +317,15 @@ def finetune(cfg: FinetuneConfig) -> Path:
                            lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
                            projector=cfg.projector, train_student=cfg.train_student, frames=cfg.frames,
                            device=device)
+    ckpt_dir = output / "checkpoints"
+    last = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    if last is not None:
+        records = _checkpointed_records(records, json.loads((last / "state.json").read_text()), last)
+    else:
+        records = usable_records(records, model, cfg, skipped)
+    if not records:
+        raise FinetuneError(f"{cfg.data}: no usable record ({len(skipped.lines)} skipped, see {skipped.path})")
+    log.info("%d usable records", len(records))
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -244,11 +334,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
     total = cfg.max_steps or math.ceil(cfg.epochs * len(records) / per_step)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
 
-    step, start = 0, Position()
-    ckpt_dir = output / "checkpoints"
-    last = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    step, start, nonfinite = 0, Position(), {"total": 0, "in_a_row": 0}
     if last is not None:
-        step, start = resume(last, model, opt, sched, cfg)
+        step, start, nonfinite = resume(last, model, opt, sched, cfg)
         log.info("resumed from %s (step %d)", last, step)
     elif cfg.resume:
         log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
@@ -274,24 +362,39 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 visual_tokens += int(batch["visual_mask"].sum())
                 text_tokens += int(batch["attention_mask"].sum()) - int(batch["visual_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
+                nonfinite["in_a_row"] = 0
+            else:  # not applied: a NaN/inf update would poison the weights and Adam's moments for good
+                nonfinite["total"] += 1
+                nonfinite["in_a_row"] += 1
             sched.step()
             step += 1
             took = time.perf_counter() - t0
             row = {"epoch": stream.position.epoch, "loss": loss_sum / cfg.grad_accum,
                    "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
                    "videos_per_s": per_step / took, "data_wait_frac": wait / took,
-                   "visual_tokens": visual_tokens, "text_tokens": text_tokens, "skipped": len(skipped.lines)}
+                   "visual_tokens": visual_tokens, "text_tokens": text_tokens, "skipped": len(skipped.lines),
+                   "applied": finite, "nonfinite_steps": nonfinite["total"]}
             metrics.log(step, row)
-            log.info("step %d/%d loss %.4f lr %.2e", step, total, row["loss"], row["lr"])
+            log.info("step %d/%d loss %.4f lr %.2e%s", step, total, row["loss"], row["lr"],
+                     "" if finite else " (non-finite: not applied)")
+            if not finite and nonfinite["in_a_row"] >= cfg.max_nonfinite_steps:
+                raise NonFiniteError(f"{nonfinite['in_a_row']} steps in a row had a non-finite loss or gradient "
+                                     f"(last at step {step}); stopping (--max-nonfinite-steps)")
             if step % cfg.save_every == 0 or step == total:
+                _check_finite(model, f"checkpoint of step {step}")
                 pos = stream.position
                 checkpoint.save(ckpt_dir, step, TrainableWeights(model), opt, {
                     "step": step, "loader": {"epoch": pos.epoch, "cursor": pos.cursor},
-                    "scheduler": sched.state_dict(), "config": to_dict(cfg)}, _rng_states(), cfg.keep_checkpoints)
+                    "scheduler": sched.state_dict(), "config": to_dict(cfg),
+                    "records": [r.line for r in records], "nonfinite": dict(nonfinite)},
+                    _rng_states(), cfg.keep_checkpoints)
     finally:
         stream.close()
         metrics.close()
+    _check_finite(model, "model")
     model.save_pretrained(output, merge=cfg.merge)
     log.info("saved %s (%s)", output, "merged LLM" if cfg.merge else "LoRA adapter")
     return output

@@ -32,6 +32,8 @@ class GenerateConfig:
     max_new_tokens: int = 128
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     decode_timeout: float = 120.0
+    allow_schemes: tuple[str, ...] = field(default=(), metadata={
+        "help": "video URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
 
 
@@ -49,14 +51,15 @@ def stage_timer(timings: dict[str, float], name: str, device: torch.device):
 
 @torch.no_grad()
 def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_tokens: int,
-           decode_timeout: float | None = None) -> tuple[str, dict]:
-    """(answer text, report with per-stage milliseconds and token counts)."""
+           decode_timeout: float | None = None, policy=None) -> tuple[str, dict]:
+    """(answer text, report with per-stage milliseconds and token counts). `policy`: the
+    `pipeline.video.InputPolicy` the video must pass (default: its defaults)."""
     timings: dict[str, float] = {}
     device = model.device
     size = model.config.image_size
     with stage_timer(timings, "decode", device):
         pixels, timestamps = load_frames(video, frames, tuple(size) if isinstance(size, list) else size,
-                                         timeout=decode_timeout)
+                                         timeout=decode_timeout, policy=policy)
     with stage_timer(timings, "student", device):
         tokens = model.student_tokens(pixels)
     with stage_timer(timings, "projector", device):
@@ -77,11 +80,13 @@ def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_toke
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.video import InputPolicy
+
     cfg = parse_config(GenerateConfig, argv)
     model = VideoLLM.from_pretrained(cfg.model, device=resolve_device(cfg.device))
     try:
         text, report = answer(model, cfg.video, cfg.question, cfg.frames or model.config.frames,
-                              cfg.max_new_tokens, cfg.decode_timeout)
+                              cfg.max_new_tokens, cfg.decode_timeout, InputPolicy(allow_schemes=cfg.allow_schemes))
     except VideoError as err:
         raise SystemExit(f"cannot read video: {type(err).__name__}: {err}") from None
     if cfg.json:

@@ -18,13 +18,15 @@ import numpy as np
 from .errors import TooShortError
 from .video import Frames, VideoInfo, decode_frames
 
+DEFAULT_MAX_CLIPS_PER_VIEW = 10_000  # ~2.8 h of 1 s clips: no input's plan is unbounded
+
 
 @dataclass(frozen=True)
 class ClipSpec:
     frames: int = 4
     views: int = 1
     fps_range: tuple[float, float] = (1.0, 4.0)
-    max_clips_per_view: int | None = None
+    max_clips_per_view: int | None = None  # None: DEFAULT_MAX_CLIPS_PER_VIEW; larger only when asked
     pad_short: bool = True
 
     def __post_init__(self) -> None:
@@ -63,7 +65,9 @@ def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> lis
     """All clips of all views of one video. Timestamps never pass the last frame.
 
     A view too short for one clip yields one clip padded with the last frame (`pad_short`), or
-    nothing; if no view yields a clip, TooShortError (recorded by jobs, not a file error)."""
+    nothing; if no view yields a clip, TooShortError (recorded by jobs, not a file error). A view
+    longer than `max_clips_per_view` clips (DEFAULT_MAX_CLIPS_PER_VIEW when None) keeps that many,
+    spread evenly: whatever an input claims, a plan stays small."""
     T = int(spec.frames)
     lo, hi = (float(x) for x in spec.fps_range)
     last = _last_time(info)
@@ -84,11 +88,12 @@ def plan_clips(video_id: str, info: VideoInfo, spec: ClipSpec, seed: int) -> lis
                 padded = int(np.sum(times > last))
                 plans.append(_plan(video_id, view, 0, fps, np.minimum(times, last), padded))
             continue
-        indices = np.arange(count)
-        if spec.max_clips_per_view is not None and count > spec.max_clips_per_view:
-            k = int(spec.max_clips_per_view)
+        k = int(spec.max_clips_per_view or DEFAULT_MAX_CLIPS_PER_VIEW)
+        if count > k:
             # Evenly spread over the video, with a seeded phase so different seeds pick different clips.
             indices = np.unique(np.floor((np.arange(k) + u_cap) * count / k).astype(int))
+        else:
+            indices = np.arange(count)
         for i in indices:
             start = offset + i * period
             times = np.minimum(start + np.arange(T) / fps, last)

@@ -24,8 +24,16 @@ class InputNotFoundError(VideoError):
     stage = "open"
 
 
+class InputNotAllowedError(VideoError):
+    """An input this job may not open: a URI scheme that is not enabled (ftp://, memory://, http://
+    unless allowed...). Refused before anything is opened or requested."""
+
+    stage = "open"
+
+
 class NotAVideoError(VideoError):
-    """The input is readable but no container ffmpeg knows."""
+    """The input is not a video file: no container ffmpeg knows, a playlist or manifest, an image
+    (sequence), or no regular file at all (a FIFO, a device)."""
 
     stage = "probe"
 
@@ -38,6 +46,13 @@ class NoVideoStreamError(VideoError):
 
 class CorruptVideoError(VideoError):
     """Corrupt or truncated stream: decoding failed or returned fewer frames than the plan needs."""
+
+
+class LimitExceededError(VideoError):
+    """An input beyond a limit of `pipeline.video.InputPolicy` or the remote cache (pixels per
+    frame, bytes): refused instead of letting one input take a worker's memory or disk."""
+
+    stage = "probe"
 
 
 class DecodeTimeoutError(VideoError):

@@ -1,14 +1,20 @@
-"""The ffmpeg binary and the one way we run it: a subprocess with a hard deadline.
+"""The ffmpeg binary and the one way we run it: a subprocess with a hard deadline, reading one file.
 
 Every ffmpeg call in the pipeline goes through `FFmpeg`, so no decode can hang a job: on expiry the
 process is killed and `DecodeTimeoutError` is raised. stderr is drained on a thread (a full pipe
 would otherwise block ffmpeg) and classified into the typed errors of `pipeline.errors`.
+
+Every input is opened through `input_options`: the `file` protocol only, on an absolute `file:` URL
+(a file named `concat:a|b` or `subfile,,...` is that file), and only demuxers of real video
+containers, whatever the file is called. Playlists, manifests and image sequences (HLS, DASH,
+ffconcat, SDP, image2...) would make ffmpeg open other files or hosts: they never get a demuxer.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from functools import lru_cache
@@ -23,6 +29,18 @@ from .errors import (
 )
 
 _STDERR_KEEP = 256 * 1024  # bytes kept from each end of stderr: headers at the start, the error at the end
+
+# Demuxers of self-contained video files (`ffmpeg -demuxers` names; "mov" is MP4/MOV/3GP, "matroska"
+# MKV/WebM, "mpeg" MPEG-PS/VOB, "asf" WMV, "rm" RealMedia, then raw elementary streams). None of them
+# opens another file or URL (MOV's external data references stay off: `enable_drefs` defaults to 0).
+VIDEO_FORMATS = ("mov", "matroska", "avi", "mpegts", "mpeg", "flv", "asf", "ogg", "mxf", "nut", "ivf", "obu",
+                 "h264", "hevc", "vvc", "m4v", "mpegvideo", "dv", "rm", "yuv4mpegpipe")
+_NOT_ON_WHITELIST = "format not on whitelist"
+
+
+def input_options(path: str) -> tuple[str, dict]:
+    """(URL, options) for reading the local file `path` with ffmpeg and nothing else."""
+    return "file:" + os.path.abspath(path), {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_FORMATS)}
 
 
 @lru_cache(maxsize=None)
@@ -113,9 +131,6 @@ class FFmpeg:
         """stdout in pieces of at most `size` bytes, for streams too big to hold."""
         return iter(lambda: self.proc.stdout.read(size), b"")
 
-    def read_all(self) -> bytes:
-        return self.proc.stdout.read()
-
     def wait(self) -> int:
         """Reap the process; raise DecodeTimeoutError if the deadline killed it."""
         rc = self.proc.wait()
@@ -164,13 +179,16 @@ def open_error(uri: str, stderr: str, path: str) -> VideoError:
     """Map the stderr of an ffmpeg that could not open its input to a typed error."""
     low = stderr.lower()
     detail = error_lines(stderr)
+    if _NOT_ON_WHITELIST in low:
+        return NotAVideoError(uri, "not a video container: ffmpeg recognised another format (a playlist, manifest, "
+                                   "image or image sequence...), which is never opened "
+                                   f"(accepted: {', '.join(VIDEO_FORMATS)})")
     if "no such file or directory" in low:
         return InputNotFoundError(uri, f"no such file ({detail})")
     if "permission denied" in low:
         return InputNotFoundError(uri, f"permission denied ({detail})")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+        head = _read_head(uri, path, 8)
     except OSError as e:
         return InputNotFoundError(uri, f"unreadable ({e})")
     if not head:
@@ -181,11 +199,35 @@ def open_error(uri: str, stderr: str, path: str) -> VideoError:
     return NotAVideoError(uri, f"not a container ffmpeg can read ({detail})")
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def check_local(uri: str, path: str) -> None:
-    """Fail fast with InputNotFoundError before spawning ffmpeg on a path that cannot be read."""
-    if not os.path.exists(path):
-        raise InputNotFoundError(uri, "no such file")
-    if os.path.isdir(path):
-        raise NotAVideoError(uri, "is a directory")
+    """Refuse, before anything opens it, a path that is not a readable regular file. Opening a FIFO
+    blocks until a writer comes, and a device (/dev/zero) never ends: only regular files are videos."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputNotFoundError(uri, "no such file") from None
+    except PermissionError:
+        raise InputNotFoundError(uri, "permission denied") from None
+    except (OSError, ValueError) as e:  # a name too long, a symlink loop, a NUL byte in the name
+        raise InputNotFoundError(uri, f"unusable path ({e})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise NotAVideoError(uri, f"{kind}, not a regular file")
     if not os.access(path, os.R_OK):
         raise InputNotFoundError(uri, "permission denied")
+
+
+def _read_head(uri: str, path: str, size: int) -> bytes:
+    """The first bytes of a file, refusing (never waiting on) anything but a regular file: the path
+    may have been swapped for a FIFO since `check_local` looked at it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAVideoError(uri, "not a regular file")
+        return os.read(fd, size)
+    finally:
+        os.close(fd)

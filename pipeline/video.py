@@ -19,6 +19,10 @@ How a decode stays exact and cheap:
    decode from the start, then against decoder timestamps; still short means a corrupt or truncated
    stream. `-xerror` stops at the first decoding error, so concealed garbage is never returned:
    a request succeeds exactly when no packet its frames depend on is damaged.
+
+Inputs are untrusted: an `InputPolicy` bounds what one of them can make a call do (which URIs are
+opened, how much of the stream is considered, how large a frame may be decoded), and ffmpeg reads
+nothing but the input's own bytes (`pipeline.ffmpeg.input_options`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import re
 import tempfile
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,12 +44,45 @@ import ffmpeg
 import numpy as np
 
 from . import remote
-from .errors import CorruptVideoError, DecodeTimeoutError, NoVideoStreamError, NotAVideoError
-from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, has_filter, open_error
+from .errors import CorruptVideoError, DecodeTimeoutError, LimitExceededError, NoVideoStreamError
+from .ffmpeg import TRUNCATION_MARKERS, FFmpeg, check_local, error_lines, has_filter, input_options, open_error
 
 RESIZE_POLICIES = ("shorter_center_crop", "squash", "pad")
 SEEK_GAP_S = 10.0  # seek (a new ffmpeg run, ~40 ms) only past this much video that needs no packet
 _GRAPH_ARG_MAX = 32_000  # longer filter graphs go through a file (Linux caps one argument at 128 KiB)
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """What one input may make a probe or decode do. Inputs come from folders and lists nobody
+    checked, so each bound either refuses the input with a typed error or ignores the excess.
+
+    allow_schemes: URI schemes accepted besides local paths, file:// and s3:// (`remote.check_uri`),
+        e.g. ("gs", "https").
+    max_duration: seconds of video considered from the first frame; a longer video is planned and
+        decoded as if it ended there (and its default time budget stays bounded).
+    max_gap: a gap between consecutive frames longer than this splits the stream and only the part
+        with the most frames is considered: a frame with an absurd timestamp cannot stretch a 2 s
+        video over days (nor make a plan of millions of clips).
+    max_frames: packets the probe reads (its memory and time); later frames are not considered.
+    max_pixels: pixels of a decoded (source) frame; a larger video, or a stream that grows larger
+        mid-way, is a LimitExceededError before the decoder allocates it.
+    """
+
+    allow_schemes: tuple[str, ...] = ()
+    max_duration: float = 4 * 3600.0
+    max_gap: float = 300.0
+    max_frames: int = 1_000_000
+    max_pixels: int = 7680 * 4320
+
+    def __post_init__(self) -> None:
+        if not (self.max_duration > 0 and self.max_gap > 0 and self.max_frames >= 1 and self.max_pixels >= 1):
+            raise ValueError(f"bad input policy {self}: every limit must be positive")
+        object.__setattr__(self, "allow_schemes", tuple(self.allow_schemes))
+
+
+DEFAULT_POLICY = InputPolicy()
+_MAX_PIXELS_MARKER = "exceeds specified max pixel count"  # libavutil's words when a frame is over max_pixels
 
 
 @dataclass(frozen=True)
@@ -105,12 +143,41 @@ def video_id(uri: str) -> str:
     return f"{slug}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
+# Peak memory of one decode, in units of the decoder's frame size F (measured, see decode_memory).
+_FFMPEG_BASE = 40 << 20
+_FRAMES_HELD = 8            # reference pictures, the frame in the filter graph, demuxer buffers
+_FRAMES_PER_THREAD = 2      # frame threading: each decoding thread holds pictures in flight
+_TABLE_BYTES_PER_FRAME = 96  # the probe's packet columns while parsing, then the frame table
+_WORKER_BASE = 256 << 20    # a (Ray) worker's Python with numpy, pyarrow and this package imported
+
+
+def decode_memory(size: int | tuple[int, int], frames: int, threads: int, policy: InputPolicy = DEFAULT_POLICY,
+                  bytes_per_pixel: float = 3.0) -> int:
+    """Bytes one decode task may use at most, to size its memory reservation: its Python worker,
+    the frame table of the longest stream `policy` lets the probe read, ffmpeg decoding the largest
+    frame `policy` allows with `threads` threads (0 = ffmpeg's choice: cores + 1, at most 16), and
+    `frames` output frames of `size` held three times (decode buffer, clip batch, serialised block).
+
+    ffmpeg's part is `40 MiB + F x (8 + 2 x threads)`, F = max_pixels x bytes_per_pixel (3 covers
+    10-bit 4:2:0; 1.5 is 8-bit 4:2:0). Peak RSS measured for this decode path (imageio-ffmpeg 9.0,
+    x264/x265, 1/2/4/8/16 threads): 1080p 67-163 MiB, 4K 145-480, 4K 10-bit 256-751, 8K 456-1333;
+    the formula is above each (8K at 16 threads by 45%). Threads multiply the cost: decode with the
+    cores the task reserves, not ffmpeg's default of all of them."""
+    if threads <= 0:
+        threads = min((os.cpu_count() or 1) + 1, 16)
+    h, w = _out_size(size)
+    frame = policy.max_pixels * bytes_per_pixel
+    ffmpeg_peak = _FFMPEG_BASE + frame * (_FRAMES_HELD + _FRAMES_PER_THREAD * threads)
+    return int(_WORKER_BASE + policy.max_frames * _TABLE_BYTES_PER_FRAME + ffmpeg_peak + 3 * frames * h * w * 3)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
-def _resolve(uri: str, timeout: float) -> str:
-    """A local, seekable path for the input (remote ones are spooled to the cache)."""
+def _resolve(uri: str, timeout: float, policy: InputPolicy) -> str:
+    """A local, seekable regular file for an accepted input (remote ones are spooled to the cache)."""
+    remote.check_uri(uri, policy.allow_schemes)
     if remote.is_remote(uri):
-        return remote.spool(uri, timeout)
+        return remote.spool(uri, timeout, policy.allow_schemes)
     path = remote.local_path(uri)
     check_local(uri, path)
     return path
@@ -127,47 +194,58 @@ def clear_probe_cache() -> None:
         _TABLES.clear()
 
 
-def _cache_key(uri: str, path: str) -> tuple:
+def _cache_key(uri: str, path: str, policy: InputPolicy) -> tuple:
     st = os.stat(path)
-    return (str(uri), path, st.st_size, st.st_mtime_ns)
+    return (str(uri), path, st.st_size, st.st_mtime_ns, policy.max_duration, policy.max_gap, policy.max_frames)
+
+
+def _input(path: str, **options):
+    """ffmpeg-python input node for `path`: the file alone, as a video container (`input_options`)."""
+    url, safe = input_options(path)
+    return ffmpeg.input(url, **safe, **options)
 
 
 # ---------------------------------------------------------------------------------------------- probe
 
-def probe(uri: str, timeout: float = 30.0) -> VideoInfo:
-    """Stream facts plus exact frame times, from one demux pass (no decoding)."""
-    return _load(str(uri), timeout)[1]
+def probe(uri: str, timeout: float = 30.0, policy: InputPolicy = DEFAULT_POLICY) -> VideoInfo:
+    """Stream facts plus exact frame times, from one demux pass (no decoding), within `policy`."""
+    return _load(str(uri), timeout, policy=policy)[1]
 
 
-def _load(uri: str, timeout: float, path: str | None = None) -> tuple[_FrameTable, VideoInfo]:
-    path = path or _resolve(uri, timeout)
-    key = _cache_key(uri, path)
+def _load(uri: str, timeout: float, path: str | None = None,
+          policy: InputPolicy = DEFAULT_POLICY) -> tuple[_FrameTable, VideoInfo]:
+    path = path or _resolve(uri, timeout, policy)
+    key = _cache_key(uri, path, policy)
     with _TABLES_LOCK:
         if key in _TABLES:
             _TABLES.move_to_end(key)
             return _TABLES[key]
     deadline = time.monotonic() + timeout
     cmd = (
-        ffmpeg.input(path, copyts=None)["V:0"]
+        _input(path, copyts=None)["V:0"]
         .output("pipe:", c="copy", copyinkf=None, f="framecrc")
         .compile(cmd="ffmpeg")[1:]
     )
     with FFmpeg(cmd, uri, timeout) as ff:
-        out = ff.read_all()
-        rc = ff.wait()
+        tb, dts, pts, flags, complete = _read_framecrc(ff, policy.max_frames)
+        if complete:
+            rc = ff.wait()
+        else:  # enough packets: stop demuxing here
+            ff.close()
+            rc = 0
         err = ff.stderr
     header = _parse_header(uri, err, path)
     truncated = [m for m in TRUNCATION_MARKERS if m in err.lower()]
     if truncated:
         raise CorruptVideoError(uri, f"truncated file ({truncated[0]}): the container ends before its data does")
-    tb, dts, pts, flags = _parse_framecrc(out)
-    if rc != 0 and not pts:
+    if rc != 0 and not len(pts):
         raise CorruptVideoError(uri, f"no readable video packet ({error_lines(err)})")
-    shown = [p for p, f in zip(pts, flags) if not f & _DISCARD]
-    if not shown or any(p is None for p in shown):
-        table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()))
+    shown = (flags & _DISCARD) == 0
+    if not shown.any() or np.any(pts[shown] == _NOPTS):
+        table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()), policy)
     else:
-        table = _table(pts, dts, flags, tb)
+        until = None if complete else int(np.max(np.where(dts != _NOPTS, dts, pts)))
+        table = _table(pts, dts, flags, tb, policy, until)
     damaged = any(line.startswith(f"[{header['codec']} @ ") for line in err.splitlines())
     table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"], damaged=damaged)
     info = _info(uri, header, table)
@@ -183,72 +261,110 @@ def _remember(key: tuple, table: _FrameTable, info: VideoInfo) -> None:
             _TABLES.popitem(last=False)
 
 
-def _decoder_table(uri: str, path: str, stream: int, timeout: float) -> _FrameTable:
+def _decoder_table(uri: str, path: str, stream: int, timeout: float, policy: InputPolicy) -> _FrameTable:
     """Frame times as the decoder reports them: one full decode, no pixel conversion.
 
     Used when packets carry no pts, or when they disagree with the decoder. No `-xerror` here, so a
     corrupt stream still lists its later frames (a request for them then fails as corrupt instead of
     silently getting an earlier frame)."""
     cmd = (
-        ffmpeg.input(path, copyts=None)[str(stream)]
+        _input(path, copyts=None, max_pixels=policy.max_pixels)[str(stream)]
         .output("pipe:", fps_mode="passthrough", enc_time_base="demux", **{"c:v": "wrapped_avframe"}, f="framecrc")
         .compile(cmd="ffmpeg")[1:]
     )
     with FFmpeg(cmd, uri, timeout) as ff:
-        out = ff.read_all()
-        ff.wait()
+        tb, _, pts, _, complete = _read_framecrc(ff, policy.max_frames)
+        if complete:
+            ff.wait()
+        else:
+            ff.close()
         err = ff.stderr
-    tb, _, pts, _ = _parse_framecrc(out)
-    pts = [p for p in pts if p is not None]
-    if not pts:
+    _check_pixels(uri, err, policy)
+    ticks = np.unique(pts[pts != _NOPTS])
+    if not len(ticks):
         raise CorruptVideoError(uri, f"no frame could be decoded ({error_lines(err)})")
-    return _FrameTable(times=_seconds(np.unique(np.asarray(pts, np.int64)), tb), packets=None, from_decoder=True)
+    ticks = ticks[_span(ticks, tb, policy, None)]  # decoded frames arrive in presentation order: no holes
+    return _FrameTable(times=_seconds(ticks, tb), packets=None, from_decoder=True)
+
+
+def _check_pixels(uri: str, stderr: str, policy: InputPolicy) -> None:
+    """The decoder refused a frame over `max_pixels` (a stream that grew mid-way): the limit's error."""
+    if _MAX_PIXELS_MARKER in stderr:
+        raise LimitExceededError(uri, f"a frame has more than {policy.max_pixels} pixels (InputPolicy.max_pixels)")
+
+
+def _span(ticks: np.ndarray, tb: Fraction, policy: InputPolicy, until: int | None) -> np.ndarray:
+    """Which of the sorted frame times a plan may use (a mask): the run of frames without a gap over
+    `max_gap` that holds the most frames, up to `max_duration` after its first frame. When the probe
+    stopped early, only frames up to `until` (the last decode time read) are known to have no unread
+    frame between them (pts >= dts); the first frame was read either way."""
+    sec = float(tb)
+    keep = np.zeros(len(ticks), bool)
+    n = len(ticks) if until is None else max(1, int(np.searchsorted(ticks, until, side="right")))
+    breaks = np.flatnonzero(np.diff(ticks[:n]) * sec > policy.max_gap) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [n]])
+    best = int(np.argmax(ends - starts))  # the first of equally large runs
+    lo, hi = int(starts[best]), int(ends[best])
+    hi = lo + int(np.searchsorted((ticks[lo:hi] - ticks[lo]) * sec, policy.max_duration, side="right"))
+    keep[lo:hi] = True
+    return keep
 
 
 def _seconds(ticks: np.ndarray, tb: Fraction) -> np.ndarray:
     return ticks.astype(np.float64) * (tb.numerator / tb.denominator)
 
 
-def _table(pts: list, dts: list, flags: list[int], tb: Fraction) -> _FrameTable:
-    """Frames = packets not marked discarded, sorted by pts. The packet facts are kept only when
-    they identify packets exactly (every dts present and strictly increasing, one shown packet per
-    pts): the packet filter and the seeks rely on that."""
-    fl = np.asarray(flags, np.int64)
-    shown = (fl & _DISCARD) == 0
-    p_shown = np.asarray([p for p, s in zip(pts, shown) if s], np.int64)
-    times = np.unique(p_shown)
-    usable = (len(times) == len(p_shown) and all(d is not None for d in dts) and all(p is not None for p in pts))
+def _table(pts: np.ndarray, dts: np.ndarray, flags: np.ndarray, tb: Fraction, policy: InputPolicy,
+           until: int | None) -> _FrameTable:
+    """Frames = packets not marked discarded, sorted by pts, within `_span`; packets of frames outside
+    it stay (as possible references) but show nothing. The packet facts are kept only when they
+    identify packets exactly (every dts and pts present, dts strictly increasing, one shown packet
+    per pts): the packet filter and the seeks rely on that."""
+    shown = (flags & _DISCARD) == 0
+    ticks = np.unique(pts[shown])
+    times = ticks[_span(ticks, tb, policy, until)]
+    usable = (len(ticks) == int(shown.sum()) and not np.any(dts == _NOPTS) and not np.any(pts == _NOPTS)
+              and bool(np.all(np.diff(dts) > 0)))
     packets = None
     if usable:
-        d = np.asarray(dts, np.int64)
-        p = np.asarray(pts, np.int64)
-        if np.all(np.diff(d) > 0):
-            frame = np.full(len(p), -1, np.int64)
-            frame[shown] = np.searchsorted(times, p[shown])
-            packets = _Packets(dts=d, time=_seconds(p, tb), key=(fl & 1) > 0, frame=frame)
+        at = np.minimum(np.searchsorted(times, pts), len(times) - 1)
+        frame = np.where(shown & (times[at] == pts), at, -1).astype(np.int64)
+        packets = _Packets(dts=dts, time=_seconds(pts, tb), key=(flags & 1) > 0, frame=frame)
     return _FrameTable(times=_seconds(times, tb), packets=packets, from_decoder=False)
 
 
 _DISCARD = 4  # AV_PKT_FLAG_DISCARD, "F=0x4" in framecrc
-_NOPTS = -(2**63)
+_NOPTS = -(2**63)  # AV_NOPTS_VALUE: the packet has no such time
 
 
-def _parse_framecrc(out: bytes) -> tuple[Fraction, list[int | None], list[int | None], list[int]]:
-    """(time base, dts, pts, AV_PKT_FLAG_* bits) per packet, in file (decode) order."""
-    tb, dts, pts, key = Fraction(1, 1), [], [], []
-    for line in out.decode("ascii", "replace").splitlines():
-        if line.startswith("#tb 0:"):
-            tb = Fraction(line.split(":", 1)[1].strip())
-        elif line and line[0].isdigit():
-            f = [x.strip() for x in line.split(",")]
-            if len(f) < 6:
-                continue
-            d, p = int(f[1]), int(f[2])
-            dts.append(None if d == _NOPTS else d)
-            pts.append(None if p == _NOPTS else p)
-            flags = next((x for x in f[6:] if x.startswith("F=")), None)
-            key.append(1 if flags is None else int(flags[2:], 16))  # framecrc omits F= for plain keyframes
-    return tb, dts, pts, key
+def _read_framecrc(ff: FFmpeg, max_packets: int) -> tuple[Fraction, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(time base, dts, pts, AV_PKT_FLAG_* bits, complete) per packet in file (decode) order, parsed
+    from ffmpeg's framecrc output as it streams. Reading stops after `max_packets` packets
+    (complete=False), so memory is bounded whatever the input holds."""
+    tb, cols, rest = Fraction(1, 1), (array("q"), array("q"), array("q")), b""
+    for chunk in ff.chunks(1 << 20):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            tb = _framecrc_line(line, tb, cols)
+            if len(cols[0]) >= max_packets:
+                return tb, *(np.frombuffer(c, np.int64) for c in cols), False
+    tb = _framecrc_line(rest, tb, cols)
+    return tb, *(np.frombuffer(c, np.int64) for c in cols), True
+
+
+def _framecrc_line(line: bytes, tb: Fraction, cols: tuple[array, array, array]) -> Fraction:
+    """Append one packet line's dts, pts and flags to `cols`; a time-base line returns the new base."""
+    if line.startswith(b"#tb 0:"):
+        return Fraction(line.split(b":", 1)[1].strip().decode("ascii"))
+    if line[:1].isdigit():
+        f = line.split(b",")
+        if len(f) >= 6:
+            flags = next((x.strip() for x in f[6:] if x.strip().startswith(b"F=")), None)
+            cols[0].append(int(f[1]))
+            cols[1].append(int(f[2]))
+            cols[2].append(1 if flags is None else int(flags[2:], 16))  # framecrc omits F= for plain keyframes
+    return tb
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -270,7 +386,7 @@ def _with_refs(uri: str, path: str, table: _FrameTable, info: VideoInfo, timeout
     codec = table.codec
     bsf = "h264_metadata=aud=insert" if codec == "h264" else "hevc_metadata=aud=insert"
     cmd = (
-        ffmpeg.input(path, copyts=None)[str(info.stream)]
+        _input(path, copyts=None)[str(info.stream)]
         .output("pipe:", c="copy", copyinkf=None, f=codec, **{"bsf:v": bsf})
         .compile(cmd="ffmpeg")[1:]
     )
@@ -364,11 +480,8 @@ def _rate(text: str, unit: str) -> float | None:
 
 def _parse_header(uri: str, err: str, path: str) -> dict:
     """The `ffmpeg -i` dump: the first video stream that is not cover art, and its display matrix."""
-    fmt = re.search(r"Input #0, (.*), from '", err)
-    if not fmt:
+    if not re.search(r"Input #0, (.*), from '", err):
         raise open_error(uri, err, path)
-    if fmt.group(1) == "image2" or fmt.group(1).endswith("_pipe"):
-        raise NotAVideoError(uri, f"a still image ({fmt.group(1)}), not a video")
     lines = err.splitlines()
     start = re.search(r"Duration: [^,]+, start: (-?[\d.]+)", err)
     for i, line in enumerate(lines):
@@ -594,16 +707,18 @@ _GRAPH_BUGS = ("Error initializing filter", "Error parsing filterchain", "Error 
 
 
 def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, slots: np.ndarray,
-         eps: float, chain: list[tuple], out: np.ndarray, threads: int, deadline: float) -> tuple[int, str]:
+         eps: float, chain: list[tuple], out: np.ndarray, threads: int, deadline: float,
+         policy: InputPolicy) -> tuple[int, str]:
     """One ffmpeg process delivering `run.frames` into `out[slots]`; returns (frames delivered, stderr)."""
     # Frame-threaded decoding flags corrupt frames unreliably (a race); on a damaged stream decode
     # single-threaded so `-xerror` refuses every frame the decoder knows to be concealed.
-    in_opts = {"copyts": None, "noautorotate": None, "threads": 1 if table.damaged else threads}
+    in_opts = {"copyts": None, "noautorotate": None, "threads": 1 if table.damaged else threads,
+               "max_pixels": policy.max_pixels}
     if run.seek is not None:
         in_opts.update(ss=f"{max(0.0, run.seek - table.format_start - 5e-4):.6f}", noaccurate_seek=None)
     if run.keep is not None:
         in_opts["bsf:v"] = f"noise=drop='not({_in_ranges('dts', run.keep)})'"
-    stream = ffmpeg.input(path, **in_opts)[str(info.stream)].filter(
+    stream = _input(path, **in_opts)[str(info.stream)].filter(
         "select", _select_expr(table.times, run.frames, eps))
     for name, kw in chain:
         stream = stream.filter(name, **kw)
@@ -635,6 +750,7 @@ def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, sl
     finally:
         if graph_file:
             os.unlink(graph_file)
+    _check_pixels(uri, err, policy)
     if got == 0 and any(m in err for m in _GRAPH_BUGS):
         raise RuntimeError(f"{uri}: ffmpeg rejected the decode graph (a bug, not the input): {error_lines(err)}")
     return got, err
@@ -642,22 +758,29 @@ def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, sl
 
 def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, int] = 448,
                   resize: str = "shorter_center_crop", timeout: float | None = None,
-                  info: VideoInfo | None = None, threads: int = 0, seek_gap: float = SEEK_GAP_S) -> Frames:
+                  info: VideoInfo | None = None, threads: int = 0, seek_gap: float = SEEK_GAP_S,
+                  policy: InputPolicy = DEFAULT_POLICY) -> Frames:
     """The frames nearest `timestamps` (seconds from the first frame), resized, display-oriented.
 
-    timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video.
+    timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video
+    (of the video `policy` considers).
     threads: ffmpeg decoder and filter-graph threads, 0 = ffmpeg's choice (all cores); 1 when the
     caller runs one decode per core.
     seek_gap: seconds of video needing no packet beyond which a new ffmpeg run seeks ahead.
+    policy: which inputs are accepted and the limits of one (frames over `max_pixels` are refused).
     Raises a `VideoError` subclass for every bad input; the URI is in the message."""
     uri = str(uri)
     req = np.asarray(timestamps, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(req)):
         raise ValueError(f"{uri}: timestamps must be finite")
     started = time.monotonic()
-    path = _resolve(uri, 600.0 if timeout is None else timeout)
-    table, probed = _load(uri, 30.0 if timeout is None else max(0.1, timeout - (time.monotonic() - started)), path)
+    path = _resolve(uri, 600.0 if timeout is None else timeout, policy)
+    table, probed = _load(uri, 30.0 if timeout is None else max(0.1, timeout - (time.monotonic() - started)), path,
+                          policy)
     info = info or probed
+    if info.width * info.height > policy.max_pixels:
+        raise LimitExceededError(uri, f"{info.width}x{info.height} frames: more than {policy.max_pixels} pixels "
+                                      "(InputPolicy.max_pixels)")
     budget = timeout if timeout is not None else 60.0 + 2.0 * max(info.duration, 0.0)
     deadline = started + budget
     H, W = _out_size(size)
@@ -670,18 +793,18 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         uniq, inverse = np.unique(pick, return_inverse=True)
         if attempt == "packets" and len(uniq) < len(rel) and len(rel) * info.width * info.height > REF_SCAN_MIN:
             table = _with_refs(uri, path, table, info, max(1.0, deadline - time.monotonic()))
-            _remember(_cache_key(uri, path), table, probed)
+            _remember(_cache_key(uri, path, policy), table, probed)
         gaps = np.diff(table.times)
         eps = float(min(1e-3, 0.25 * gaps.min())) if len(gaps) else 1e-3
         frames = np.empty((len(uniq), H, W, 3), np.uint8)
         short = None
         for run in _plan(table, uniq, seek_gap):
             slots = np.searchsorted(uniq, run.frames)
-            got, err = _run(path, uri, info, table, run, slots, eps, chain, frames, threads, deadline)
+            got, err = _run(path, uri, info, table, run, slots, eps, chain, frames, threads, deadline, policy)
             if got < len(slots) and (run.seek is not None or run.keep is not None):
                 # A seek that landed badly, or a decoder unhappy with skipped packets: plain decode.
                 got, err = _run(path, uri, info, table, _Run(run.frames), slots, eps, chain, frames, threads,
-                                deadline)
+                                deadline, policy)
             if got < len(slots):
                 short = (run.frames, got, err)
                 break
@@ -692,8 +815,9 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         if table.from_decoder or attempt == "decoder":
             break
         # Packet times may disagree with what the decoder outputs: ask the decoder once.
-        table = dataclasses.replace(_decoder_table(uri, path, info.stream, max(1.0, deadline - time.monotonic())),
-                                    format_start=table.format_start, codec=table.codec, damaged=table.damaged)
+        table = dataclasses.replace(
+            _decoder_table(uri, path, info.stream, max(1.0, deadline - time.monotonic()), policy),
+            format_start=table.format_start, codec=table.codec, damaged=table.damaged)
     wanted, got, err = short
     missing_t = float(table.times[wanted[got]] - table.times[0])
     raise CorruptVideoError(

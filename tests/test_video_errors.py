@@ -74,36 +74,38 @@ def test_unreadable_file(inputs, tmp_path):
         probe(str(p))
 
 
-def test_hanging_input_times_out(inputs):
-    """A FIFO nobody writes to blocks ffmpeg's open forever: the deadline must kill it."""
+def test_fifo_nobody_writes_is_refused_at_once(inputs):
+    """A FIFO nobody writes to would block its reader's open forever: it is no regular file, so it
+    is refused before anything opens it (no timeout to wait for)."""
     uri = str(inputs / "fifo.mp4")
     t = time.monotonic()
-    with pytest.raises(DecodeTimeoutError) as e:
-        probe(uri, timeout=1.0)
-    assert time.monotonic() - t < 10 and uri in str(e.value)
+    with pytest.raises(NotAVideoError, match="FIFO") as e:
+        probe(uri, timeout=30)
+    assert time.monotonic() - t < 1 and uri in str(e.value)
 
 
-def test_trickling_input_times_out(inputs, tmp_path):
-    """A FIFO whose writer sends the header and then stalls: ffmpeg waits mid-stream."""
+def test_trickling_fifo_is_refused_without_being_read(inputs, tmp_path):
+    """A FIFO whose writer would send the header and then stall: refused, and never opened (the
+    writer's own open never finds a reader)."""
     fifo = tmp_path / "trickle.mkv"
     os.mkfifo(fifo)
     data = (inputs / "good.mkv").read_bytes()
-    stop = threading.Event()
+    opened = threading.Event()
 
     def writer():
-        with open(fifo, "wb") as f:
+        with open(fifo, "wb") as f:  # returns only once a reader opens the FIFO
+            opened.set()
             f.write(data[:2000])
-            f.flush()
-            stop.wait(30)
 
     th = threading.Thread(target=writer, daemon=True)
     th.start()
-    try:
-        with pytest.raises(DecodeTimeoutError):
-            probe(str(fifo), timeout=1.5)
-    finally:
-        stop.set()
-        th.join(5)
+    for call in (lambda: probe(str(fifo), timeout=30), lambda: decode_frames(str(fifo), [0.0], size=16, timeout=30)):
+        with pytest.raises(NotAVideoError):
+            call()
+    assert not opened.wait(0.5)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # release the writer
+    th.join(5)
+    os.close(fd)
 
 
 def test_long_decode_times_out(inputs):
