@@ -13,6 +13,7 @@ missing clips. Exit 0 when the store is complete (even if some inputs failed, se
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class ExtractConfig:
     views: int = field(default=1, metadata={"min": 1, "max": 64, "help": "views (fps/offset draws) per video"})
     fps: tuple[float, float] = field(default=(1.0, 4.0), metadata={"min": 0.01, "max": 240, "help": "clip fps range LOW-HIGH"})
     clip_frames: int = field(default=4, metadata={"min": 1, "max": 256, "help": "frames per clip"})
-    max_clips_per_view: int | None = field(default=None, metadata={"min": 1, "help": "cap on clips per view"})
+    max_clips_per_view: int | None = field(default=None, metadata={
+        "min": 1, "help": "cap on clips per view (default 10000: an evenly spread subset beyond it)"})
     pad_short: bool = field(default=True, metadata={"help": "pad videos shorter than one clip"})
     size: int = field(default=448, metadata={"min": 14, "max": 4096, "help": "stored frame size (square, shorter side + centre crop)"})
     frame_encoding: str = field(default="jpg", metadata={"choices": ("jpg", "png", "npy"), "help": "jpg | png | npy"})
@@ -72,7 +74,15 @@ class ExtractConfig:
     teacher_actors: int | None = field(default=None, metadata={"min": 1, "help": "teacher actors; default one per GPU, or 1"})
     teacher_cpus: float = field(default=1.0, metadata={"min": 0, "help": "CPUs reserved per teacher actor"})
     decode_cpus: float = field(default=1.0, metadata={"min": 0.01, "help": "CPUs per decode task"})
-    decode_memory: str = field(default="1GB", metadata={"bytes": True, "min": 1, "help": "memory reserved per decode task (>0)"})
+    decode_memory: str | None = field(default=None, metadata={
+        "bytes": True, "min": 1, "help": "memory reserved per decode task; default what one needs at the largest "
+                                         "allowed frame (pipeline.video.decode_memory)"})
+    allow_schemes: tuple[str, ...] = field(default=(), metadata={
+        "help": "URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
+    max_duration: float = field(default=4 * 3600.0, metadata={
+        "min": 1, "help": "seconds of each video considered from its first frame (part of the store's identity)"})
+    max_pixels: int = field(default=7680 * 4320, metadata={
+        "min": 1, "help": "pixels of a source frame; a larger video is an error row (default 8K)"})
     decode_timeout: float = field(default=120.0, metadata={"min": 1, "help": "seconds per probe/decode call before giving up"})
     chunk_clips: int = field(default=8, metadata={"min": 1, "help": "clips decoded at once per video (bounds memory)"})
     shard_bytes: str = field(default="512MB", metadata={"bytes": True, "min": 1, "help": "target shard size"})
@@ -115,6 +125,27 @@ def clip_spec(cfg: ExtractConfig):
         raise ConfigError(f"--clip-frames/--views/--fps/--max-clips-per-view: {e}") from None
 
 
+def input_policy(cfg: ExtractConfig):
+    from pipeline.video import InputPolicy
+
+    return InputPolicy(allow_schemes=tuple(cfg.allow_schemes), max_duration=cfg.max_duration,
+                       max_pixels=cfg.max_pixels)
+
+
+def plan_limits(policy) -> dict:
+    """The input limits that change which clips a video gets: part of the clip spec's identity."""
+    return {"max_duration": policy.max_duration, "max_gap": policy.max_gap, "max_frames": policy.max_frames}
+
+
+def decode_task_memory(cfg: ExtractConfig, threads: int) -> int:
+    """--decode-memory, or what one decode task needs at the largest frame the policy allows."""
+    from pipeline.video import decode_memory
+
+    if cfg.decode_memory is not None:
+        return parse_bytes(cfg.decode_memory)
+    return decode_memory(cfg.size, cfg.chunk_clips * cfg.clip_frames, threads, input_policy(cfg))
+
+
 def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
     """store.json for this config and teacher description (see pipeline.store)."""
     from pipeline.compress import Compression
@@ -130,7 +161,7 @@ def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
                      "temperature": compression.temperature},
         clip={"frames": cfg.clip_frames, "views": cfg.views, "fps_range": list(cfg.fps),
               "max_clips_per_view": cfg.max_clips_per_view, "pad_short": cfg.pad_short, "seed": cfg.seed,
-              "resize": DecodeOptions.resize},
+              "resize": DecodeOptions.resize, **plan_limits(input_policy(cfg))},
         frames={"encoding": cfg.frame_encoding, "size": [cfg.size, cfg.size], "quality": cfg.jpeg_quality},
         target={"tokens": grid[0] * grid[1] * grid[2], "grid": list(grid), "dim": teacher["dim"],
                 "dtype": cfg.target_dtype},
@@ -204,7 +235,9 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    threads = max(1, math.ceil(cfg.decode_cpus))
     options = DecodeOptions(clip_spec=clip_spec(cfg), size=cfg.size, seed=cfg.seed, timeout=cfg.decode_timeout,
+                            policy=input_policy(cfg), threads=threads,
                             chunk_clips=cfg.chunk_clips)
     actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
     batch = teacher_batch_clips(cfg)
@@ -214,7 +247,7 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
     # actors do not ask for, it also keeps Ray Data from fusing decode into them, so decode scales
     # on its own CPUs instead of stalling the GPU.
     ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        memory=parse_bytes(cfg.decode_memory), fn_kwargs={"options": options, "store": store})
+                        memory=decode_task_memory(cfg, threads), fn_kwargs={"options": options, "store": store})
     ds = ds.map_batches(
         TeacherStage, batch_size=batch, batch_format="numpy", compute=actor_pool(actors, cfg.teacher_concurrency),
         num_gpus=1 if use_gpu else 0, num_cpus=cfg.teacher_cpus,

@@ -75,6 +75,8 @@ class DecodeOptions:
     seed: int = 0
     timeout: float | None = 120.0
     chunk_clips: int = 8               # clips decoded (and held in memory) at once per video
+    policy: Any = None                 # pipeline.video.InputPolicy: what an input may make us do; None: defaults
+    threads: int = 1                   # ffmpeg threads per decode: the CPUs the task reserves
 
 
 def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -86,16 +88,17 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
     (clips planned for the whole video) goes with every clip so the store can tell complete
     videos from partial ones."""
     from pipeline.clips import decode_clips, plan_clips
-    from pipeline.video import probe, video_id
+    from pipeline.video import DEFAULT_POLICY, probe, video_id
 
-    info = probe(uri, timeout=options.timeout or 30.0)
+    policy = options.policy or DEFAULT_POLICY
+    info = probe(uri, timeout=options.timeout or 30.0, policy=policy)
     plans = plan_clips(video_id(uri), info, options.clip_spec, options.seed)
     skip = set(skip)
     todo = sorted((p for p in plans if p.clip_id not in skip), key=lambda p: (p.timestamps[0], p.view, p.index))
 
     def decode(chunk):
         return decode_clips(uri, chunk, size=options.size, resize=options.resize, timeout=options.timeout,
-                            info=info)
+                            info=info, policy=policy, threads=options.threads)
 
     for i in range(0, len(todo), options.chunk_clips):
         chunk = todo[i:i + options.chunk_clips]

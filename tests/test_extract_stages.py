@@ -209,3 +209,32 @@ def test_non_finite_targets_become_clip_errors_not_shard_data(tmp_path):
     assert [(e["clip_id"], e["error_type"], e["stage"]) for e in errors] == [
         ("v-v0-c00001", "NonFiniteTargetError", "teacher")]
     assert writer.prepare().partial["/v.mp4"] == {"v-v0-c00001"}   # accounted for: never redone
+
+
+def test_the_job_passes_its_input_limits_to_decode_and_the_store(tmp_path):
+    """--allow-schemes / --max-duration / --max-pixels reach every decode; the limits that change
+    plans are part of the store's identity; a refused scheme is an error row, never a request."""
+    from jobs.extract import decode_task_memory, input_policy
+    from pipeline.video import decode_memory
+
+    cfg = parse_config(ExtractConfig, ["--input", "in", "--output", str(tmp_path / "s"), "--teacher", "t",
+                                       "--max-duration", "60", "--max-pixels", "1000000", "--allow-schemes", "gs,https"])
+    policy = input_policy(cfg)
+    assert (policy.allow_schemes, policy.max_duration, policy.max_pixels) == (("gs", "https"), 60.0, 1_000_000)
+    teacher = {"name_or_path": "t", "dim": 8, "grid": [4, 4]}
+    assert store_schema(cfg, teacher)["clip"]["max_duration"] == 60.0
+    other = parse_config(ExtractConfig, ["--input", "in", "--output", "o", "--teacher", "t"])
+    assert store_schema(cfg, teacher)["config_hash"] != store_schema(other, teacher)["config_hash"]
+    assert decode_task_memory(cfg, 2) == decode_memory(cfg.size, cfg.chunk_clips * cfg.clip_frames, 2, policy)
+    assert decode_task_memory(parse_config(ExtractConfig, ["--input", "i", "--output", "o", "--teacher", "t",
+                                                           "--decode-memory", "3GB"]), 1) == 3 * 10 ** 9
+
+    store = StoreWriter(str(tmp_path / "s"), store_schema(cfg, teacher))
+    store.prepare()
+    options = DecodeOptions(clip_spec=ClipSpec(frames=4), size=64, policy=policy)
+    out = list(decode_videos({"video_uri": ["ftp://host/a.mp4", "memory://a.mp4"], "skip": [[], []]},
+                             options=options, store=store))
+    assert out == []
+    rows = store.read_errors().to_pylist()
+    assert sorted((r["video_uri"], r["error_type"]) for r in rows) == [
+        ("ftp://host/a.mp4", "InputNotAllowedError"), ("memory://a.mp4", "InputNotAllowedError")]

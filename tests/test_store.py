@@ -402,7 +402,10 @@ def test_upgrade_a_version_1_store_in_place(tmp_path):
     assert got.manifest.equals(want.manifest)
     assert got.read_index().sort_by("clip_id").equals(want.read_index().sort_by("clip_id"))
     assert got.read_errors().sort_by("video_uri").equals(want.read_errors().sort_by("video_uri"))
-    assert got.schema == want.schema
+    from pipeline.store.upgrade import V1_PLAN_LIMITS
+
+    upgraded = {**want.schema, "clip": {**want.schema["clip"], **V1_PLAN_LIMITS}}
+    assert got.schema == {**upgraded, "config_hash": st.schema.identity_hash(upgraded)}
     assert {p: p.read_bytes() for p in data_files} == data_files, "the data objects are not rewritten"
     assert not (root / "index.parquet").exists() and not (root / "errors.parquet").exists()
     assert sorted(zarr.open_group(str(root / "zarr"), mode="r").group_keys()) == got.shards()

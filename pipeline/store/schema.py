@@ -94,10 +94,13 @@ def make_schema(*, teacher: Mapping, compression: Mapping, clip: Mapping, frames
         "schema_version": SCHEMA_VERSION, "teacher": dict(teacher), "compression": dict(compression),
         "clip": dict(clip), "frames": dict(frames), "target": dict(target), "formats": formats,
         "checksum": "sha256(target bytes)[:16]", **extra}))
-    identity = {k: schema[k] for k in IDENTITY_KEYS}
-    schema["config_hash"] = hashlib.sha256(
-        json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    schema["config_hash"] = identity_hash(schema)
     return schema
+
+
+def identity_hash(schema: Mapping) -> str:
+    identity = {k: schema[k] for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def check_version(schema: Mapping, root: str) -> None:

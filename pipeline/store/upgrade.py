@@ -20,7 +20,10 @@ import pyarrow as pa
 from pipeline.store.codec import npy_bytes
 from pipeline.store.files import list_names, parquet_bytes, read_json, read_many, write_atomic
 from pipeline.store.records import ShardCommit
-from pipeline.store.schema import INDEX_SCHEMA, SCHEMA_VERSION, StoreError
+from pipeline.store.schema import INDEX_SCHEMA, SCHEMA_VERSION, StoreError, identity_hash
+
+# pipeline.video.InputPolicy's defaults, which jobs.extract records in a store's clip spec
+V1_PLAN_LIMITS = {"max_duration": 4 * 3600.0, "max_gap": 300.0, "max_frames": 1_000_000}
 from pipeline.store.writer import StoreWriter
 
 
@@ -37,7 +40,12 @@ def upgrade(root: str) -> dict:
     if schema.get("schema_version") != 1:
         raise StoreError(f"{root}: schema_version {schema.get('schema_version')} cannot be upgraded")
     complete = fs.exists(f"{layout.path}/index.parquet")
-    writer = StoreWriter(root, {**schema, "schema_version": SCHEMA_VERSION}, probe.storage_options)
+    # Version 1 planned clips without input limits; its videos were within today's defaults unless
+    # longer than 4 h, which a v1 store with such videos would differ on.
+    clip = {**schema["clip"], **{k: v for k, v in V1_PLAN_LIMITS.items() if k not in schema["clip"]}}
+    schema = {**schema, "schema_version": SCHEMA_VERSION, "clip": clip}
+    schema["config_hash"] = identity_hash(schema)
+    writer = StoreWriter(root, schema, probe.storage_options)
     names = list_names(fs, layout.commits, ".json")
     for path, data in read_many(fs, [layout.commit(n) for n in names]):
         record = json.loads(data)
