@@ -410,3 +410,15 @@ def test_upgrade_a_version_1_store_in_place(tmp_path):
     assert not (root / "index.parquet").exists() and not (root / "errors.parquet").exists()
     assert sorted(zarr.open_group(str(root / "zarr"), mode="r").group_keys()) == got.shards()
     assert main([str(root)]) == 0 and st.open_store(str(root)).manifest.equals(want.manifest)   # idempotent
+
+
+def test_zarr_writes_every_chunk_even_all_black_clips(tmp_path):
+    """A reader tells a lost chunk from a black clip only if black clips are stored too."""
+    data = list(clips(1, 3))
+    for c in data:
+        c["frames"] = np.zeros_like(c["frames"])
+    store = st.write_store(str(tmp_path), schema(encoding="png", formats=["zarr"]), data)
+    shard = store.shards()[0]
+    stored = [p.name for p in (tmp_path / "zarr" / shard / "frames" / "c").iterdir()]
+    assert stored, "the all-black shard object was not written"
+    np.testing.assert_array_equal(store.zarr_group(shard)["frames"][:], 0)

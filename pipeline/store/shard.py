@@ -125,8 +125,10 @@ class ShardWriter:
             n = self.zarr_shard_clips
             arrays = {}
             for name, data in (("frames", frames), ("targets", targets)):
+                # every chunk written, black frames included: a missing chunk then always means damage
                 arrays[name] = group.create_array(name, shape=(0, *data.shape[1:]), dtype=data.dtype,
-                                                  chunks=(1, *data.shape[1:]), shards=(n, *data.shape[1:]))
+                                                  chunks=(1, *data.shape[1:]), shards=(n, *data.shape[1:]),
+                                                  config={"write_empty_chunks": True})
             arrays["targets"].attrs["dtype"] = self.schema["target"]["dtype"]
             self._zarr = group, arrays, []
         group, arrays, all_ids = self._zarr
