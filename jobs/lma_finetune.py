@@ -28,9 +28,9 @@ class RayFinetuneConfig(FinetuneConfig):
     """Run lma.finetune as a Ray task (one GPU with --use-gpu)."""
 
     use_gpu: bool = field(default=False, metadata={"help": "give the task one GPU (and train on it)"})
-    num_cpus: float = field(default=2.0, metadata={"help": "CPUs reserved for the task (video decode threads)"})
+    num_cpus: float = field(default=2.0, metadata={"min": 0, "help": "CPUs reserved for the task (video decode threads)"})
     address: str = field(default="auto", metadata={"help": "Ray address; 'auto' joins a cluster or starts one"})
-    max_retries: int = field(default=0, metadata={"help": "reruns of a task whose worker died (each resumes)"})
+    max_retries: int = field(default=0, metadata={"min": 0, "help": "reruns of a task whose worker died (each resumes)"})
 
 
 def task_config(cfg: RayFinetuneConfig) -> dict[str, Any]:

@@ -26,10 +26,10 @@ from student.train import TrainConfig, train
 class RayTrainConfig(TrainConfig):
     """Train the LiteFrame student with Ray Train (TorchTrainer), the same loop as student.train."""
 
-    ray_workers: int = field(default=1, metadata={"help": "training processes (one per GPU with --use-gpu)"})
+    ray_workers: int = field(default=1, metadata={"min": 1, "help": "training processes (one per GPU with --use-gpu)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per Ray worker"})
     address: str = field(default="auto", metadata={"help": "Ray address; 'auto' joins a cluster or starts one"})
-    max_failures: int = field(default=0, metadata={"help": "worker-group restarts Ray may make (each resumes)"})
+    max_failures: int = field(default=0, metadata={"min": 0, "help": "worker-group restarts Ray may make (each resumes)"})
 
 
 def _loop_config(cfg: RayTrainConfig) -> dict[str, Any]:

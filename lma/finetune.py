@@ -56,37 +56,37 @@ class FinetuneConfig:
     llm: str = field(metadata={"help": "causal LM name or dir (AutoModelForCausalLM)"})
     data: str = field(metadata={"help": "JSONL file, local or fsspec URL (s3://...)"})
     output: str = field(metadata={"help": "output dir: model, checkpoints, metrics, skipped records"})
-    frames: int = field(default=64, metadata={"help": "frames sampled uniformly per video (up to 512)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = epochs over the data"})
-    epochs: int = field(default=1, metadata={"help": "passes over the data when max_steps is 0"})
-    batch_size: int = field(default=1, metadata={"help": "videos per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=4e-5, metadata={"help": "peak learning rate (cosine schedule)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warm-up"})
-    weight_decay: float = 0.0
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    lora_r: int = 4
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
+    frames: int = field(default=64, metadata={"min": 1, "max": 4096, "help": "frames sampled uniformly per video (up to 512)"})
+    max_steps: int = field(default=0, metadata={"min": 0, "help": "optimizer steps; 0 = epochs over the data"})
+    epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the data when max_steps is 0"})
+    batch_size: int = field(default=1, metadata={"min": 1, "help": "videos per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "micro-batches per optimizer step"})
+    lr: float = field(default=4e-5, metadata={"min": 1e-12, "max": 1.0, "help": "peak learning rate (cosine schedule)"})
+    warmup_ratio: float = field(default=0.03, metadata={"min": 0, "max": 1, "help": "fraction of steps of linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    grad_clip: float = field(default=1.0, metadata={"min": 1e-12, "help": "gradient-norm clip"})
+    lora_r: int = field(default=4, metadata={"min": 1})
+    lora_alpha: int = field(default=8, metadata={"min": 1})
+    lora_dropout: float = field(default=0.05, metadata={"min": 0, "max": 0.99})
     lora_targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS,
                                           metadata={"help": "LLM modules that get LoRA"})
-    projector: str = field(default="auto", metadata={"help": "auto | mlp | residual"})
+    projector: str = field(default="auto", metadata={"choices": ("auto", "mlp", "residual"), "help": "auto | mlp | residual"})
     train_student: bool = field(default=False, metadata={"help": "unfreeze the student"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for LLM memory"})
-    max_length: int | None = field(default=None, metadata={
+    max_length: int | None = field(default=None, metadata={"min": 1, 
         "help": "skip samples longer than this many tokens; default: the LLM's max_position_embeddings"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    decode_timeout: float = field(default=120.0, metadata={"help": "seconds per video decode"})
+    save_every: int = field(default=500, metadata={"min": 1, "help": "checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"min": 0, "help": "checkpoints kept on disk"})
+    decode_timeout: float = field(default=120.0, metadata={"min": 1, "help": "seconds per video decode"})
     allow_schemes: tuple[str, ...] = field(default=(), metadata={
         "help": "video URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
-    max_record_bytes: int = field(default=1 << 20, metadata={
+    max_record_bytes: int = field(default=1 << 20, metadata={"min": 64, 
         "help": "longest JSONL line read; a longer one is skipped unparsed"})
-    max_nonfinite_steps: int = field(default=3, metadata={
+    max_nonfinite_steps: int = field(default=3, metadata={"min": 1, 
         "help": "stop after this many steps in a row with a non-finite loss or gradient (each is skipped)"})
-    prefetch: int = field(default=4, metadata={"help": "videos decoded ahead in background threads"})
+    prefetch: int = field(default=4, metadata={"min": 0, "help": "videos decoded ahead in background threads"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output"})
     merge: bool = field(default=False, metadata={"help": "merge the LoRA adapter into the saved LLM"})
 

@@ -28,10 +28,10 @@ class GenerateConfig:
     model: str = field(metadata={"help": "dir written by lma.finetune (VideoLLM.save_pretrained)"})
     video: str = field(metadata={"help": "video path or URL"})
     question: str = field(metadata={"help": "question about the video"})
-    frames: int = field(default=0, metadata={"help": "frames sampled uniformly; 0 = the model's training value"})
-    max_new_tokens: int = 128
+    frames: int = field(default=0, metadata={"min": 0, "max": 4096, "help": "frames sampled uniformly; 0 = the model's training value"})
+    max_new_tokens: int = field(default=128, metadata={"min": 1})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    decode_timeout: float = 120.0
+    decode_timeout: float = field(default=120.0, metadata={"min": 1})
     allow_schemes: tuple[str, ...] = field(default=(), metadata={
         "help": "video URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})

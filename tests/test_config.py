@@ -116,3 +116,23 @@ def test_a_dash_splits_number_pairs_but_not_names():
     cfg = parse_config(Lists, ["--fps", "2-3", "--variants", "compile-fp8"])
     assert cfg.fps == (2.0, 3.0) and cfg.variants == ("compile-fp8",)
     assert parse_config(Lists, ["--variants", "a-b,c"]).variants == ("a-b", "c")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("lma.finetune", ["--student", "s", "--llm", "l", "--data", "d", "--lr", "0"]),
+    ("lma.finetune", ["--student", "s", "--llm", "l", "--data", "d", "--projector", "linear"]),
+    ("lma.generate", ["--model", "m", "--video", "v.mp4", "--question", "q", "--max-new-tokens", "0"]),
+    ("jobs.train_student", ["--data", "d", "--ray-workers", "0"]),
+    ("jobs.lma_finetune", ["--student", "s", "--llm", "l", "--data", "d", "--max-retries", "-1"]),
+])
+def test_every_job_checks_its_config_before_touching_its_output(module, argv, tmp_path):
+    """The same one-line error and exit status 2 from every entry point, with no output written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    flags = argv if module == "lma.generate" else [*argv, "--output", str(out)]
+    result = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr
+    assert not out.exists()
