@@ -1,0 +1,96 @@
+"""CTD on N GPUs: `torchrun -m student.train` over one store, per GPU count, as a user runs it.
+
+    python3 bench/ctd_scaling.py --gpus 1,2 --clips 2048 --steps 120 --out /tmp/ctd-scaling
+
+Writes a store shaped for the `vitb` preset (448 px JPEG q90 frames, float16 [64, 3584] targets,
+the writer of bench/student.py), then per N runs the trainer with NCCL, bf16, --compile and
+`--log-every 1`, and reads rank 0's metrics.jsonl: steady-state clips/s (all ranks) and data wait
+(median over steps after the compile warm-up, away from epoch boundaries), their mean over the
+three steps around each epoch boundary, and scaling efficiency per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_store(root: Path, clips: int) -> Path:
+    """bench/student.py's store writer (loaded by path: bench/ is no package, and its file name is
+    the `student` package's)."""
+    if (root / "manifest.parquet").exists():
+        return root
+    spec = importlib.util.spec_from_file_location("bench_student", REPO / "bench" / "student.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from student.presets import preset_config
+
+    module.write_bench_store(str(root), preset_config("vitb"), clips, 256 << 20, ["webdataset"])
+    return root
+
+
+def run(store: Path, out: Path, gpus: int, args) -> list[dict]:
+    cmd = ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "student.train", "--data", str(store),
+           "--output", str(out), "--preset", "vitb", "--batch-size", str(args.batch_size), "--num-workers",
+           str(args.workers), "--compile", "--max-steps", str(args.steps), "--warmup-steps", "10",
+           "--log-every", "1", "--checkpoint-every", "0", "--eval-every", "0"]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=args.timeout)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarise(rows: list[dict], gpus: int, clips: int, batch: int, skip: int) -> dict:
+    per_epoch = clips // (batch * gpus)
+    near = {e * per_epoch + d for e in range(1, 1 + len(rows) // max(per_epoch, 1)) for d in (-1, 0, 1)}
+    steady = [r for r in rows if r["step"] > skip and r["step"] not in near and "clips_per_s" in r]
+    boundary = [r for r in rows if r["step"] in near and r["step"] > skip and "clips_per_s" in r]
+
+    def over(rs, key, how):
+        return how([r[key] for r in rs]) if rs else None
+
+    # steady state: medians; boundary windows: means, so one stalled step shows
+    return {"gpus": gpus, "steps_per_epoch": per_epoch, "steady_steps": len(steady),
+            "clips_per_s": over(steady, "clips_per_s", statistics.median) * gpus if steady else None,
+            "data_wait": over(steady, "data_wait_frac", statistics.median), "boundary_steps": len(boundary),
+            "boundary_clips_per_s": over(boundary, "clips_per_s", statistics.mean) * gpus if boundary else None,
+            "boundary_data_wait": over(boundary, "data_wait_frac", statistics.mean)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", default="1,2")
+    parser.add_argument("--clips", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--skip", type=int, default=15, help="steps of compile warm-up left out")
+    parser.add_argument("--timeout", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/ctd-scaling"))
+    args = parser.parse_args(argv)
+    store = bench_store(args.out / "store", args.clips)
+    rows = []
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        rows.append(summarise(run(store, args.out / f"run-{gpus}", gpus, args), gpus, args.clips, args.batch_size,
+                              args.skip))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["clips_per_s"] / rows[0]["gpus"] if rows[0]["clips_per_s"] else None
+    print("| GPUs | clips/s | per GPU vs first row | data wait | at epoch boundaries: clips/s | data wait |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        eff = r["clips_per_s"] / r["gpus"] / base if base and r["clips_per_s"] else None
+        fmt = lambda v, f: format(v, f) if v is not None else "–"   # noqa: E731
+        print(f"| {r['gpus']} | {fmt(r['clips_per_s'], '.0f')} | {fmt(eff, '.2f')} | {fmt(r['data_wait'], '.3f')} | "
+              f"{fmt(r['boundary_clips_per_s'], '.0f')} | {fmt(r['boundary_data_wait'], '.3f')} |")
+    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "env": {k: os.environ.get(k) for k in ("COMMIT",)},
+                                                       "python": sys.version.split()[0]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
