@@ -4,7 +4,8 @@
 
 Writes a store shaped for the `vitb` preset (448 px JPEG q90 frames, float16 [64, 3584] targets,
 the writer of bench/student.py), then per N runs the trainer with NCCL, bf16, --compile and
-`--log-every 1`, and reads rank 0's metrics.jsonl: steady-state clips/s (all ranks) and data wait
+`--log-every 1`, and reads rank 0's metrics.jsonl: steady-state clips/s (the trainer logs all ranks'
+clips) and data wait
 (median over steps after the compile warm-up, away from epoch boundaries), their mean over the
 three steps around each epoch boundary, and scaling efficiency per GPU.
 """
@@ -57,9 +58,9 @@ def summarise(rows: list[dict], gpus: int, clips: int, batch: int, skip: int) ->
 
     # steady state: medians; boundary windows: means, so one stalled step shows
     return {"gpus": gpus, "steps_per_epoch": per_epoch, "steady_steps": len(steady),
-            "clips_per_s": over(steady, "clips_per_s", statistics.median) * gpus if steady else None,
+            "clips_per_s": over(steady, "clips_per_s", statistics.median),
             "data_wait": over(steady, "data_wait_frac", statistics.median), "boundary_steps": len(boundary),
-            "boundary_clips_per_s": over(boundary, "clips_per_s", statistics.mean) * gpus if boundary else None,
+            "boundary_clips_per_s": over(boundary, "clips_per_s", statistics.mean),
             "boundary_data_wait": over(boundary, "data_wait_frac", statistics.mean)}
 
 

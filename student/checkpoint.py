@@ -3,7 +3,10 @@
     model.safetensors    the student's weights
     optimizer.pt         AdamW state dict (tensors and numbers only: loaded with weights_only=True)
     rng.pt               every rank's torch (and CUDA) RNG state, stacked by rank
-    state.json           step, epoch, loader position, LR-scheduler state, the run's config
+    state.json           step, LR-scheduler state, the run's config, and the loader position: epoch,
+                         batch of the current phase, the world size and streams per rank it runs on,
+                         the earlier phases of the epoch (see student.data) and `samples`, the clips of
+                         the epoch all ranks read together
 
 A checkpoint is written into a temporary sibling, fsynced, then renamed into place, so a crash
 leaves either the old set or the new one, never a torn directory; the last `keep` are kept (0: all).

@@ -23,13 +23,26 @@ any loader worker can serve any batch.
 
 A rank's DataLoader takes batches from its workers in turn; worker `w` of a loader started
 at batch `k` serves batches `k + w, k + w + W, ...`, which keeps the order independent of
-where the run was resumed. The WebDataset order depends on `num_workers` and the world size
-(the number of streams); the Zarr order only on the world size.
+where the run was resumed. The trainer's loader runs on from one epoch into the next
+(`TrainData.run`): its workers are never restarted and prefetch the next epoch's first batches
+while this one drains. The WebDataset order depends on `num_workers` and the world size (the
+number of streams); the Zarr order only on the world size.
+
+Elastic resume: the epoch's sequence (permuted shards, or the zarr permutation) does not depend on
+the world size or the workers; only its split into streams does. A run resumed on other ranks x
+streams ends the stopped split as a phase of the epoch, and the next phase covers what it left
+(`EpochPlan.remainder`: per stream, the positions still in the shuffle buffer and those never fed,
+in sequence order, as O(streams x buffer) runs), split evenly over the new streams and shuffled with
+the phase's own RNG key. Every clip of the epoch is read exactly once, except the wrap-round filler
+that makes each phase's streams whole batches (fewer than streams x batch entries per phase, as in an
+epoch never resumed; filler already read counts as read). The next epoch is planned for the new
+world size from scratch, as a fresh run would.
 
 Held-out split: by a hash of the video id (`pipeline.store.heldout_score`) at one of the levels
 whose per-shard counts the manifest holds (`HELDOUT_LEVELS`), so the views of one video never
 straddle the split and the split never depends on the seed. Evaluation reads the held-out clips
-(or a whole second store) once each, in store order, streamed like training.
+(or a whole second store) once each, in store order, streamed like training; under DDP each rank
+reads a contiguous slice of them and the metrics' sums are all-reduced.
 
 Damaged stores: every clip read is checked (its key against the index, every member present and
 decodable, the target's bytes against the index's checksum, shapes against the schema, the target
@@ -48,7 +61,9 @@ the trainer's `--max-bad-clips` 16).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -58,7 +73,7 @@ import math
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -364,22 +379,50 @@ class EpochPlan:
     permutation: FeistelPermutation | None = None
     seed: int = 0
     epoch: int = 0
+    world_size: int = 1
+    # A resumed epoch's remainder: int64 [n, 2], (first, count) runs of the epoch's sequence this
+    # phase covers, in order (None: all of it); phase: how many phases ran before it.
+    runs: np.ndarray | None = None
+    phase: int = 0
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
+        """Entries of the sequence this phase covers (the streams wrap round it)."""
+        if self.runs is not None:
+            return int(self.runs[:, 1].sum())
         return int(self.ends[-1]) if len(self.ends) else 0
+
+    @functools.cached_property
+    def _run_ends(self) -> np.ndarray:
+        return np.cumsum(self.runs[:, 1])
 
     @property
     def batches_per_rank(self) -> int:
         return self.streams_per_rank * math.ceil(self.length / self.batch_size)
 
+    def _key(self, *key: int) -> np.random.Generator:
+        """The phase's RNG stream: phase 0 keeps the key of an epoch never resumed elsewhere."""
+        return _rng(self.seed, self.epoch, *key, *([self.phase] if self.phase else []))
+
     def order(self, stream: int) -> ShuffleBuffer:
         """Its outputs are the stream's positions in read order."""
-        return ShuffleBuffer(self.length, self.shuffle_buffer, _rng(self.seed, self.epoch, _SHUFFLE, stream))
+        return ShuffleBuffer(self.length, self.shuffle_buffer, self._key(_SHUFFLE, stream))
+
+    def jitter(self, stream: int, position: int, strength: float) -> np.ndarray:
+        """Brightness, contrast and saturation factors of one sample, a pure function of its place."""
+        return self._key(_AUGMENT, stream, position).uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+
+    def _index(self, stream: int, positions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(entry of the epoch's sequence, entries left in its run) of each position of a stream."""
+        i = (stream * self.length + np.asarray(positions, dtype=np.int64)) % self.total
+        if self.runs is None:
+            return i, self.total - i
+        j = np.searchsorted(self._run_ends, i, side="right")
+        return self.runs[j, 0] + i - (self._run_ends[j] - self.runs[j, 1]), self._run_ends[j] - i
 
     def locate(self, stream: int, positions: Any) -> tuple[np.ndarray, np.ndarray]:
         """(shard, k) of each position of a stream: the k-th selected clip of that shard."""
-        i = (stream * self.length + np.asarray(positions, dtype=np.int64)) % self.total
+        i, _ = self._index(stream, positions)
         if self.permutation is not None:
             i = self.permutation(i)
         j = np.searchsorted(self.ends, i, side="right")
@@ -392,22 +435,62 @@ class EpochPlan:
         p = start
         while p < self.length:
             shard, k = (int(v[0]) for v in self.locate(stream, [p]))
-            n = min(int(self.rows.counts[shard]) - k, self.length - p)
+            n = min(int(self.rows.counts[shard]) - k, self.length - p, int(self._index(stream, [p])[1][0]))
             yield p, shard, k, n
             p += n
 
+    def remainder(self, batches: int) -> np.ndarray:
+        """The runs (first, count) of the epoch's sequence that no rank has read once every rank took
+        `batches` batches of this phase, in sequence order: per stream, the positions still in the
+        shuffle buffer and those never fed (O(streams x buffer), the draws replayed without data). An
+        entry read as wrap-round filler counts as read."""
+        streams, size, b = self.world_size * self.streams_per_rank, self.total, self.batch_size
+        left: list[tuple[int, int]] = []       # [a, b) of phase indices, ascending
+        filler: set[int] = set()
+        for s in range(streams):
+            w = s % self.streams_per_rank
+            order = self.order(s)
+            order.skip(max(0, -(-(batches - w) // self.streams_per_rank)) * b)
+            lo, buffered = s * self.length, sorted(order.buffer)
+            left += [(lo + p, lo + p + 1) for p in buffered] + [(lo + order.fed, lo + self.length)]
+            held = set(buffered)
+            filler.update((lo + p) % size for p in range(max(0, size - lo), order.fed) if p not in held)
+        points, out = sorted(filler), []
+        for a, e in left:
+            e = min(e, size)
+            for q in points[bisect.bisect_left(points, a):bisect.bisect_left(points, e)]:
+                out += self._runs(a, q)
+                a = q + 1
+            out += self._runs(a, e)
+        merged: list[list[int]] = []
+        for first, n in out:
+            if merged and merged[-1][0] + merged[-1][1] == first:
+                merged[-1][1] += n
+            else:
+                merged.append([first, n])
+        return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+
+    def _runs(self, a: int, e: int) -> list[tuple[int, int]]:
+        """Phase indices [a, e) as runs of the epoch's sequence."""
+        out = []
+        while a < e:
+            (first,), (n,) = self._index(0, [a])
+            n = min(int(n), e - a)
+            out.append((int(first), n))
+            a += n
+        return out
+
 
 def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: int, streams_per_rank: int,
-               batch_size: int, shuffle_buffer: int) -> EpochPlan:
+               batch_size: int, shuffle_buffer: int, done: Any = ()) -> EpochPlan:
     """The whole epoch from per-shard counts: no data and no index is read. Every stream gets the same
-    number of whole batches, wrapping round to the start of the epoch's sequence to fill the last ones."""
+    number of whole batches, wrapping round to the start of the phase's sequence to fill the last ones.
+    `done`: the phases of this epoch already run, as (world_size, streams_per_rank, batches per rank)
+    each; the plan returned covers what they left, re-split over `world_size` x `streams_per_rank`."""
     if fmt == "webdataset":
         shard_order = _rng(seed, epoch, _SHARDS).permutation(len(rows.counts))
-        streams = world_size * streams_per_rank
     elif fmt == "zarr":
         shard_order = np.arange(len(rows.counts))
-        streams, streams_per_rank, shuffle_buffer = world_size, 1, 0
-        # one stream per rank, already shuffled; its batches are shared round-robin by the workers
     else:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ends = np.cumsum(rows.counts[shard_order])
@@ -415,10 +498,21 @@ def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: 
     if total == 0:
         raise StoreContentError("no training clips in the store (all held out, or the store is empty)")
     permutation = FeistelPermutation(total, _rng(seed, epoch, _ZARR)) if fmt == "zarr" else None
-    return EpochPlan(rows=rows, shard_order=shard_order, ends=ends,
-                     length=math.ceil(total / (streams * batch_size)) * batch_size, batch_size=batch_size,
-                     streams_per_rank=streams_per_rank, shuffle_buffer=shuffle_buffer, permutation=permutation,
-                     seed=seed, epoch=epoch)
+
+    def phase(number: int, world: int, per_rank: int, runs: np.ndarray | None) -> EpochPlan:
+        buffer = shuffle_buffer
+        if fmt == "zarr":   # one stream per rank, already shuffled; the workers share its batches in turn
+            per_rank, buffer = 1, 0
+        size = total if runs is None else int(runs[:, 1].sum())
+        return EpochPlan(rows=rows, shard_order=shard_order, ends=ends,
+                         length=math.ceil(size / (world * per_rank * batch_size)) * batch_size, batch_size=batch_size,
+                         streams_per_rank=per_rank, shuffle_buffer=buffer, permutation=permutation, seed=seed,
+                         epoch=epoch, world_size=world, runs=runs, phase=number)
+
+    runs = None
+    for number, (world, per_rank, batches) in enumerate(done):
+        runs = phase(number, int(world), int(per_rank), runs).remainder(int(batches))
+    return phase(len(done), world_size, streams_per_rank, runs)
 
 
 def rank_batches(plan: EpochPlan, rank: int, batch: int) -> tuple[int, int]:
@@ -681,11 +775,6 @@ def _tar_samples(info: StoreInfo, shard: int, opened: _Shard,
     yield from lost(n, f"{url} ends after {row} clips, the index lists {n}")
 
 
-def jitter_factors(seed: int, epoch: int, stream: int, position: int, strength: float) -> np.ndarray:
-    """Brightness, contrast and saturation factors of one sample, a pure function of its place."""
-    return _rng(seed, epoch, _AUGMENT, stream, position).uniform(1 - strength, 1 + strength, 3).astype(np.float32)
-
-
 def jitter_frames(frames: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
     """Photometric jitter of uint8 clips [B, T, H, W, 3] -> float [B, T, H, W, 3] in 0..255: brightness,
     contrast, saturation, one draw per clip so all its frames change alike. Runs on the training
@@ -713,35 +802,39 @@ def _collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
 
 
 class ClipStream(IterableDataset):
-    """One epoch of one rank's batches, starting at batch `start`; see the module docstring. A bad
-    clip's row is filled with zeros and marked invalid (`batch["valid"]`, bool [B], present only when
-    some row is); with `compact` (evaluation) it is dropped instead. Either way the batch lists its bad
-    clips under `"skipped"` (records of `BadClip`) for the main process to count."""
+    """One epoch of one rank's batches, starting at batch `start`; see the module docstring. With `plans`
+    (epoch -> its plan), the epochs after it follow without end, so the loader's workers run on across
+    epoch boundaries (no restart, the next epoch's batches prefetched). A bad clip's row is filled with
+    zeros and marked invalid (`batch["valid"]`, bool [B], present only when some row is); with
+    `compact` (evaluation) it is dropped instead. Either way the batch lists its bad clips under
+    `"skipped"` (records of `BadClip`) for the main process to count."""
 
     def __init__(self, info: StoreInfo, plan: EpochPlan, *, fmt: str, rank: int, start: int = 0,
-                 augment: float = 0.0, compact: bool = False):
+                 augment: float = 0.0, compact: bool = False, plans: Callable[[int], EpochPlan] | None = None):
         self.info, self.plan, self.fmt, self.rank, self.start, self.augment = info, plan, fmt, rank, start, augment
-        self.compact = compact
+        self.compact, self.plans = compact, plans
 
     def __len__(self) -> int:
+        if self.plans is not None:
+            raise TypeError("an endless stream of epochs has no length")
         return self.plan.batches_per_rank - self.start
 
-    def _item(self, stream: int, position: int, key: str, frames: np.ndarray, target: np.ndarray):
-        jitter = (jitter_factors(self.plan.seed, self.plan.epoch, stream, position, self.augment)
-                  if self.augment > 0 else None)
+    def _item(self, plan: EpochPlan, stream: int, position: int, key: str, frames: np.ndarray, target: np.ndarray):
+        jitter = plan.jitter(stream, position, self.augment) if self.augment > 0 else None
         return key, frames, target, jitter
 
-    def _batch(self, stream: int, positions: list[int], got: list[Any], strays: list[BadClip] = ()) -> dict[str, Any]:
+    def _batch(self, plan: EpochPlan, stream: int, positions: list[int], got: list[Any], strays: list[BadClip] = ()
+               ) -> dict[str, Any]:
         """A batch of the positions' items; `got[i]` is (key, frames, target) or a BadClip."""
         info = self.info
         bad = [g for g in got if isinstance(g, BadClip)]
         if self.compact:
-            items = [self._item(stream, p, *g) for p, g in zip(positions, got) if not isinstance(g, BadClip)]
+            items = [self._item(plan, stream, p, *g) for p, g in zip(positions, got) if not isinstance(g, BadClip)]
         else:
             frames0 = np.zeros((info.clip_frames, *info.frame_size, 3), dtype=np.uint8)
             target0 = np.zeros((info.target_tokens, info.target_dim), dtype=np.float32)
-            items = [self._item(stream, p, g.clip_id or "", frames0, target0) if isinstance(g, BadClip)
-                     else self._item(stream, p, *g) for p, g in zip(positions, got)]
+            items = [self._item(plan, stream, p, g.clip_id or "", frames0, target0) if isinstance(g, BadClip)
+                     else self._item(plan, stream, p, *g) for p, g in zip(positions, got)]
         batch = _collate(items, info)
         if bad and not self.compact:
             batch["valid"] = torch.tensor([not isinstance(g, BadClip) for g in got])
@@ -752,19 +845,25 @@ class ClipStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wi = get_worker_info()
         worker, workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
-        mine = range(self.start + worker, self.plan.batches_per_rank, workers)
-        if self.fmt == "zarr":
-            yield from self._zarr_batches(mine)
-        else:
-            yield from self._wds_batches(mine, workers)
+        plan, start, before = self.plan, self.start, 0      # before: the loader's batches of earlier epochs
+        while True:
+            # The loader takes its workers' batches in turn: its j-th batch is worker j mod `workers`'s.
+            mine = range(start + (worker - before) % workers, plan.batches_per_rank, workers)
+            if self.fmt == "zarr":
+                yield from self._zarr_batches(plan, mine)
+            else:
+                yield from self._wds_batches(plan, mine, workers)
+            if self.plans is None:
+                return
+            plan, start, before = self.plans(plan.epoch + 1), 0, before + plan.batches_per_rank - start
 
-    def _zarr_batches(self, batches: range) -> Iterator[dict[str, Any]]:
-        shards = _Shards(self.info, self.plan.rows, zarr=True)
+    def _zarr_batches(self, plan: EpochPlan, batches: range) -> Iterator[dict[str, Any]]:
+        shards = _Shards(self.info, plan.rows, zarr=True)
         for b in batches:
-            stream, first = rank_batches(self.plan, self.rank, b)
-            positions = np.arange(first, min(first + self.plan.batch_size, self.plan.length))
-            got = [shards.read_zarr(int(s), int(k)) for s, k in zip(*self.plan.locate(stream, positions))]
-            yield self._batch(stream, positions.tolist(), got)
+            stream, first = rank_batches(plan, self.rank, b)
+            positions = np.arange(first, min(first + plan.batch_size, plan.length))
+            got = [shards.read_zarr(int(s), int(k)) for s, k in zip(*plan.locate(stream, positions))]
+            yield self._batch(plan, stream, positions.tolist(), got)
 
     def _decode(self, sample: dict | BadClip) -> tuple[str, np.ndarray, np.ndarray] | BadClip:
         if isinstance(sample, BadClip):
@@ -775,19 +874,19 @@ class ClipStream(IterableDataset):
         except Exception as e:
             return BadClip(sample.get("__shard__", str(sample.get("__url__"))), key, _reason(e))
 
-    def _wds_batches(self, batches: range, workers: int) -> Iterator[dict[str, Any]]:
+    def _wds_batches(self, plan: EpochPlan, batches: range, workers: int) -> Iterator[dict[str, Any]]:
         if not len(batches):
             return
-        if workers != self.plan.streams_per_rank:
-            raise ValueError(f"the epoch was planned for {self.plan.streams_per_rank} loader workers, "
+        if workers != plan.streams_per_rank:
+            raise ValueError(f"the epoch was planned for {plan.streams_per_rank} loader workers, "
                              f"the DataLoader has {workers}")
-        stream, first = rank_batches(self.plan, self.rank, batches[0])
-        order = self.plan.order(stream)
+        stream, first = rank_batches(plan, self.rank, batches[0])
+        order = plan.order(stream)
         order.skip(first)           # a resumed stream: the buffer's draws replayed, no data read
-        source = self._wds_source(stream, set(order.buffer), order.fed)
+        source = self._wds_source(plan, stream, set(order.buffer), order.fed)
         held: dict[int, dict | BadClip] = {}
         strays: list[BadClip] = []
-        while positions := order.take(self.plan.batch_size):
+        while positions := order.take(plan.batch_size):
             got = []
             for p in positions:
                 while p not in held:
@@ -801,15 +900,16 @@ class ClipStream(IterableDataset):
                 for q, sample in source:    # clip count is checked and any stray sample reported with it
                     if q is None:
                         strays.append(sample)
-            yield self._batch(stream, positions, got, strays)
+            yield self._batch(plan, stream, positions, got, strays)
             strays = []
 
-    def _wds_source(self, stream: int, buffered: set[int], fed: int) -> Iterator[tuple[int | None, dict | BadClip]]:
+    def _wds_source(self, plan: EpochPlan, stream: int, buffered: set[int], fed: int
+                    ) -> Iterator[tuple[int | None, dict | BadClip]]:
         """(position, raw sample or BadClip) of every position the stream still outputs (those in the
         shuffle buffer, and from `fed` on), in read order, and (None, BadClip) for stray samples. Shards
         before the first of them are not opened."""
-        shards = _Shards(self.info, self.plan.rows)
-        for p0, shard, k0, n in self.plan.segments(stream, min(buffered, default=fed)):
+        shards = _Shards(self.info, plan.rows)
+        for p0, shard, k0, n in plan.segments(stream, min(buffered, default=fed)):
             wanted = [p for p in range(p0, p0 + n) if p >= fed or p in buffered]
             if not wanted:
                 continue
@@ -872,37 +972,60 @@ class TrainData:
         self.shuffle_buffer, self.augment = shuffle_buffer, augment
         self.rows = rows if rows is not None else Selection(info.counts)
         self.bad_clips = BadClipBudget(max_bad_clips, f"rank {rank}" if world_size > 1 else "this rank")
+        self._last: tuple[Any, EpochPlan] | None = None
         if fmt not in info.formats:
             raise StoreContentError(f"{info.root} has no {fmt} shards (it holds {', '.join(info.formats) or 'none'})")
 
-    def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.rows, fmt=self.fmt, seed=self.seed, epoch=epoch, world_size=self.world_size,
-                          streams_per_rank=max(1, self.num_workers), batch_size=self.batch_size,
-                          shuffle_buffer=self.shuffle_buffer)
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers) if self.fmt == "webdataset" else 1
+
+    def plan(self, epoch: int, done: Any = ()) -> EpochPlan:
+        """The epoch's plan for this world size and these workers; `done`: see `plan_epoch`. The last one
+        is kept: a remainder's plan replays the earlier phases' shuffle buffers (O(clips they read))."""
+        key = (epoch, tuple(tuple(int(x) for x in phase) for phase in done))
+        if self._last is None or self._last[0] != key:
+            self._last = key, plan_epoch(self.rows, fmt=self.fmt, seed=self.seed, epoch=epoch,
+                                         world_size=self.world_size, streams_per_rank=self.streams_per_rank,
+                                         batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, done=done)
+        return self._last[1]
 
     def batches_per_epoch(self) -> int:
         return self.plan(0).batches_per_rank
 
-    def epoch(self, epoch: int, start: int = 0) -> Batches:
-        ds = ClipStream(self.info, self.plan(epoch), fmt=self.fmt, rank=self.rank, start=start, augment=self.augment)
+    def epoch(self, epoch: int, start: int = 0, done: Any = ()) -> Batches:
+        """One epoch's batches from `start` on."""
+        return self._batches(ClipStream(self.info, self.plan(epoch, done), fmt=self.fmt, rank=self.rank, start=start,
+                                        augment=self.augment))
+
+    def run(self, epoch: int, start: int = 0, done: Any = ()) -> Batches:
+        """The batches from `start` of `epoch` on, through all the epochs after it, from one loader: its
+        workers never restart and start the next epoch before this one drains."""
+        return self._batches(ClipStream(self.info, self.plan(epoch, done), fmt=self.fmt, rank=self.rank, start=start,
+                                        augment=self.augment, plans=self.plan))
+
+    def _batches(self, ds: ClipStream) -> Batches:
         return Batches(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                   pin_memory=torch.cuda.is_available(), prefetch_factor=2 if self.num_workers else None,
                                   persistent_workers=False), self.bad_clips)
 
 
-def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset",
-                 rows: Selection | None = None, max_bad_clips: int = 0) -> Batches:
-    """The selected clips (default: the whole store), each once, in store order, without augmentation.
-    Bad clips are dropped from their batch (which may come out empty) and counted in the result's
-    `budget`, at most `max_bad_clips` per pass."""
+def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset", rows: Selection | None = None,
+                 max_bad_clips: int = 0, rank: int = 0, world_size: int = 1, max_clips: int | None = None) -> Batches:
+    """The selected clips (default: the whole store; at most the first `max_clips`), each once, in store
+    order, without augmentation; with `world_size` ranks, rank `rank`'s contiguous slice of them, so
+    every rank evaluates a share. Bad clips are dropped from their batch (which may come out empty)
+    and counted in the result's `budget`, at most `max_bad_clips` per pass and rank."""
     rows = rows if rows is not None else Selection(info.counts)
     ends = np.cumsum(rows.counts)
     if not len(ends) or ends[-1] == 0:
         raise StoreContentError(f"{info.root}: no clips to evaluate")
+    n = int(ends[-1]) if max_clips is None else min(int(ends[-1]), max_clips)
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
     # One stream whose length is not a multiple of the batch: the last batch is short, so no
     # clip is counted twice.
-    plan = EpochPlan(rows=rows, shard_order=np.arange(len(ends)), ends=ends, length=int(ends[-1]),
-                     batch_size=batch_size, streams_per_rank=1)
+    plan = EpochPlan(rows=rows, shard_order=np.arange(len(ends)), ends=ends, length=hi - lo, batch_size=batch_size,
+                     streams_per_rank=1, runs=np.array([[lo, hi - lo]], dtype=np.int64))
     return Batches(DataLoader(ClipStream(info, plan, fmt=fmt, rank=0, compact=True), batch_size=None, num_workers=0),
                    BadClipBudget(max_bad_clips, "the evaluation"))
 

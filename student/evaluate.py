@@ -20,13 +20,17 @@ import torch.nn.functional as F
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, to_pixels: Callable[[dict], torch.Tensor],
              target_mean: torch.Tensor, target_std: torch.Tensor, device: torch.device,
-             autocast: Callable[[], Any] = nullcontext, max_batches: int | None = None) -> dict[str, float]:
+             autocast: Callable[[], Any] = nullcontext, max_batches: int | None = None,
+             all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    """The metrics over `batches`; with `all_reduce` (an in-place sum over ranks, each rank passing its
+    share of the clips), over all ranks' batches: every metric is a function of sums, so one float64
+    all-reduce of them gives what one process evaluating every clip would."""
     was_training = model.training
     model.eval()
     mean, std = target_mean.to(device), target_std.to(device)
-    clips = tokens = 0
-    cos = trivial_cos = sse = trivial_sse = 0.0
-    s1 = s2 = None
+    dim = mean.shape[-1]
+    # clips, tokens, cosine, trivial cosine, SSE, trivial SSE, then per-channel sums of z and z^2
+    sums = torch.zeros(6 + 2 * dim, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -39,22 +43,24 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, to_pi
         z_pred = z_pred.float()
         z = (target - mean) / std
         pred = z_pred * std + mean
-        cos += F.cosine_similarity(pred, target, dim=-1).sum().item()
-        trivial_cos += F.cosine_similarity(mean.expand_as(target), target, dim=-1).sum().item()
-        sse += (z_pred - z).double().square().sum().item()
-        trivial_sse += z.double().square().sum().item()
-        flat = z.double().reshape(-1, z.shape[-1])
-        s1 = flat.sum(0) if s1 is None else s1 + flat.sum(0)
-        s2 = flat.square().sum(0) if s2 is None else s2 + flat.square().sum(0)
-        clips += target.shape[0]
-        tokens += target.shape[0] * target.shape[1]
+        flat = z.double().reshape(-1, dim)
+        sums += torch.cat([
+            torch.tensor([target.shape[0], target.shape[0] * target.shape[1]], dtype=torch.float64, device=device),
+            F.cosine_similarity(pred, target, dim=-1).double().sum().reshape(1),
+            F.cosine_similarity(mean.expand_as(target), target, dim=-1).double().sum().reshape(1),
+            (z_pred - z).double().square().sum().reshape(1), z.double().square().sum().reshape(1),
+            flat.sum(0), flat.square().sum(0)])
     model.train(was_training)
+    if all_reduce is not None:
+        all_reduce(sums)
+    clips, tokens, cos, trivial_cos, sse, trivial_sse = sums[:6].tolist()
     if tokens == 0:
         return {"clips": 0}
+    s1, s2 = sums[6:6 + dim], sums[6 + dim:]
     sst = (s2 - s1.square() / tokens).sum().item()
-    n = tokens * z.shape[-1]
+    n = tokens * dim
     return {
-        "clips": clips,
+        "clips": int(clips),
         "cosine": cos / tokens, "trivial_cosine": trivial_cos / tokens,
         "r2": 1 - sse / sst, "trivial_r2": 1 - trivial_sse / sst,
         "mse": sse / n, "trivial_mse": trivial_sse / n,

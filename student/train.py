@@ -95,7 +95,8 @@ class TrainConfig:
     eval_fraction: float = field(default=0.0, metadata={"choices": _eval_fractions(),
         "help": "hold out this fraction of videos for evaluation: 0 or one of pipeline.store.HELDOUT_LEVELS"})
     eval_every: int = field(default=0, metadata={"min": 0, "help": "evaluate every N steps (0: only at the end)"})
-    eval_batches: Optional[int] = field(default=None, metadata={"min": 1, "help": "cap on evaluation batches"})
+    eval_batches: Optional[int] = field(default=None, metadata={"min": 1, "help": "cap on evaluation batches "
+                                                                             "(of --batch-size clips, all ranks)"})
     checkpoint_every: int = field(default=500, metadata={"min": 0,
                                                          "help": "save a checkpoint every N steps (0: never)"})
     keep_checkpoints: int = field(default=3, metadata={"min": 0, "help": "keep the last K checkpoints (0: all)"})
@@ -152,8 +153,9 @@ def setup_distributed() -> Dist:
 
 # Settings that decide which clip lands in which step, and the schedule each step's update follows:
 # exact resume needs them unchanged. (The store is compared by identity, not path, so a moved or
-# copied store still resumes.)
-ORDER_FIELDS = ("format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction", "num_workers")
+# copied store still resumes.) The world size and --num-workers may change: the rest of the epoch is
+# re-split over the new streams (see `loader_phases`).
+ORDER_FIELDS = ("format", "seed", "batch_size", "shuffle_buffer", "augment", "eval_fraction")
 SCHEDULE_FIELDS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
 
 
@@ -161,18 +163,27 @@ def store_identity(info: StoreInfo) -> dict[str, Any]:
     return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": int(info.counts.sum())}
 
 
-def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo, world_size: int) -> None:
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo) -> None:
     """A resume that would silently see other samples than the stopped run is an error."""
     saved, now = state["config"], to_dict(cfg)
-    fields = [f for f in ORDER_FIELDS if f != "num_workers" or cfg.format == "webdataset"] + list(SCHEDULE_FIELDS)
-    changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in fields if saved.get(f) != now[f]]
-    if world_size != state["world_size"]:
-        changed.append(f"world size: {state['world_size']} -> {world_size}")
+    changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in (*ORDER_FIELDS, *SCHEDULE_FIELDS)
+               if saved.get(f) != now[f]]
     if state["store"] != store_identity(info):
         changed.append(f"store: {saved['data']} -> {cfg.data} holds other clips")
     if changed:
         raise ValueError("cannot resume exactly, the samples or the schedule would change (" + "; ".join(changed) +
                          "): restore these settings or train into a new --output")
+
+
+def loader_phases(loader: dict[str, Any], world_size: int, streams_per_rank: int) -> tuple[list[list[int]], int]:
+    """(phases of the epoch already run, batch of the current phase) to resume a checkpoint's loader
+    position on `world_size` ranks of `streams_per_rank` streams. With other ranks x streams than the
+    stopped run, its phase ends where it stopped and the rest of the epoch is a new phase."""
+    phases, batch = [list(p) for p in loader.get("phases", [])], loader["batch"]
+    stopped = [loader.get("world_size", world_size), loader.get("streams_per_rank", streams_per_rank)]
+    if stopped != [world_size, streams_per_rank] and batch > 0:
+        phases, batch = [*phases, [*stopped, batch]], 0
+    return phases, batch
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -318,13 +329,12 @@ def _rng_states(env: Dist) -> dict[str, torch.Tensor]:
 
 
 def _set_rng_states(states: dict[str, torch.Tensor], env: Dist) -> None:
-    if states["torch"].shape[0] != env.world_size:
-        raise ValueError(f"checkpoint was written by {states['torch'].shape[0]} ranks, this run has "
-                         f"{env.world_size}: exact resume needs the same world size")
+    """Rank r takes the state of old rank r mod (old world size): deterministic on any world size."""
+    old = states["torch"].shape[0]
     # .clone(): torch 2.13 segfaults on a state tensor that is a view with a storage offset
-    torch.set_rng_state(states["torch"][env.rank].clone())
+    torch.set_rng_state(states["torch"][env.rank % old].clone())
     if "cuda" in states and env.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][env.rank].clone(), env.device)
+        torch.cuda.set_rng_state(states["cuda"][env.rank % old].clone(), env.device)
 
 
 class Preemption:
@@ -378,18 +388,20 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                      world_size=env.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
                      augment=cfg.augment, rows=rows, max_bad_clips=cfg.max_bad_clips)
 
-    per_epoch = data.batches_per_epoch()
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, phases = 0, 0, 0, []     # phases: of this epoch, run on other ranks x streams
     skipped_steps, bad_in_row = 0, 0     # steps not applied (non-finite), in all and in a row now
     last = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if last is not None:
         state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
-        check_resumable(state, cfg, info, env.world_size)
+        check_resumable(state, cfg, info)
         trainer.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(rng, env)
-        step, epoch, batch_in_epoch = state["step"], state["loader"]["epoch"], state["loader"]["batch"]
+        step, epoch = state["step"], state["loader"]["epoch"]
+        phases, batch_in_epoch = loader_phases(state["loader"], env.world_size, data.streams_per_rank)
         health = state.get("health", {})
-        data.bad_clips.count = int(health.get("bad_clips", [0] * env.world_size)[env.rank])
+        # each rank's budget: the counts of the old ranks it stands for (all of them, however many)
+        old = health.get("bad_clips", [])
+        data.bad_clips.count = sum(int(c) for r, c in enumerate(old) if r % env.world_size == env.rank)
         skipped_steps, bad_in_row = int(health.get("skipped_steps", 0)), int(health.get("bad_steps_in_row", 0))
         if env.main:
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
@@ -416,97 +428,107 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
     preemption = Preemption()
 
     def run_eval() -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        if env.main and eval_info is not None:
-            batches = eval_batches(eval_info, batch_size=cfg.batch_size, fmt=cfg.format,
-                                   rows=heldout if eval_info is info else None, max_bad_clips=cfg.max_bad_clips)
-            result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
-                              target_std=trainer.std, device=env.device, autocast=trainer.autocast,
-                              max_batches=cfg.eval_batches)
-            result["skipped_clips"] = batches.budget.count
-            log.log(step, {f"eval/{k}": v for k, v in result.items()})
-        _barrier(env)
+        """Every rank evaluates its slice of the clips; the sums are all-reduced (the same on every rank)."""
+        if eval_info is None:
+            return {}
+        batches = eval_batches(eval_info, batch_size=cfg.batch_size, fmt=cfg.format,
+                               rows=heldout if eval_info is info else None, max_bad_clips=cfg.max_bad_clips,
+                               rank=env.rank, world_size=env.world_size,
+                               max_clips=cfg.eval_batches * cfg.batch_size if cfg.eval_batches else None)
+        result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
+                          target_std=trainer.std, device=env.device, autocast=trainer.autocast,
+                          all_reduce=dist.all_reduce if env.world_size > 1 else None)
+        result["skipped_clips"] = _sum_over_ranks(batches.budget.count, env)
+        log.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
+    plan = data.plan(epoch, phases)
+    if batch_in_epoch >= plan.batches_per_rank:     # a remainder that earlier phases read whole
+        epoch, batch_in_epoch, phases = epoch + 1, 0, []
+        plan = data.plan(epoch)
+    batches = iter(data.run(epoch, batch_in_epoch, phases))    # one loader for the run: no restart per epoch
     try:
+        timer.reset()
         while step < stop_at:
-            batches = iter(data.epoch(epoch, batch_in_epoch))
-            timer.reset()
-            for batch in batches:       # each batch's bad clips already counted, logged (or fatal)
-                timer.batch_ready()
-                loss, grad_norm, applied = trainer.step(batch)
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
-                step += 1
-                batch_in_epoch += 1
-                valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["clip_id"])
-                timer.step_done(sum(valid))
-                skipped = batch.get("skipped", [])
+            batch = next(batches)       # its bad clips already counted, logged (or fatal)
+            timer.batch_ready()
+            loss, grad_norm, applied = trainer.step(batch)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
+            step += 1
+            batch_in_epoch += 1
+            valid = batch["valid"].tolist() if "valid" in batch else [True] * len(batch["clip_id"])
+            timer.step_done(sum(valid))
+            skipped = batch.get("skipped", [])
+            if skipped:
+                if bad_clips_file is None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    bad_clips_file = open(bad_clips_path, "a")
+                for rec in skipped:
+                    bad_clips_file.write(json.dumps({"step": step, "epoch": epoch, **rec}) + "\n")
+                bad_clips_file.flush()
+            bad_in_row = 0 if applied else bad_in_row + 1
+            skipped_steps += not applied
+            if not applied and env.main:
+                print(f"step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g} (rank 0's): "
+                      f"not finite on some rank, update skipped ({bad_in_row} in a row, at most "
+                      f"{cfg.max_bad_steps})", file=sys.stderr, flush=True)
+            if trace is not None:
+                record = {"step": step, "epoch": epoch,
+                          "clip_id": [c for c, ok in zip(batch["clip_id"], valid) if ok]}
                 if skipped:
-                    if bad_clips_file is None:
-                        out.mkdir(parents=True, exist_ok=True)
-                        bad_clips_file = open(bad_clips_path, "a")
-                    for rec in skipped:
-                        bad_clips_file.write(json.dumps({"step": step, "epoch": epoch, **rec}) + "\n")
-                    bad_clips_file.flush()
-                bad_in_row = 0 if applied else bad_in_row + 1
-                skipped_steps += not applied
-                if not applied and env.main:
-                    print(f"step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g} (rank 0's): "
-                          f"not finite on some rank, update skipped ({bad_in_row} in a row, at most "
-                          f"{cfg.max_bad_steps})", file=sys.stderr, flush=True)
-                if trace is not None:
-                    record = {"step": step, "epoch": epoch,
-                              "clip_id": [c for c, ok in zip(batch["clip_id"], valid) if ok]}
-                    if skipped:
-                        record["skipped"] = [r["clip_id"] for r in skipped]
-                    if not applied:
-                        record["applied"] = False
-                    trace.write(json.dumps(record) + "\n")
-                fatal = bad_in_row > cfg.max_bad_steps      # the same on every rank: `applied` is agreed
-                if step % cfg.log_every == 0 or step == stop_at or fatal:
-                    speed = timer.summary()
-                    last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
-                                    "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
-                                    "clips_per_s": speed["clips_per_s"] * env.world_size,
-                                    "data_wait_frac": speed["data_wait_frac"],
-                                    "data/skipped_clips": _sum_over_ranks(data.bad_clips.count, env),
-                                    "train/skipped_steps": skipped_steps}
-                    log.log(step, last_metrics)
-                    if on_log is not None:
-                        on_log(step, last_metrics)
-                    timer.reset()
-                if fatal:
-                    raise NonFiniteTrainingError(
-                        f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient norm, more "
-                        f"than --max-bad-steps {cfg.max_bad_steps}: the run diverged (lower --lr, raise "
-                        f"--warmup-steps, or check the data); the last checkpoint in {ckpt_dir} holds finite weights")
-                if batch_in_epoch == per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                if preemption.requested(env):
-                    stop_at = step
-                    if env.main:
-                        print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
-                    # every rank checks (the weights are the same on all), so all stop together
-                    checkpoint.check_finite(trainer.module, trainer.optimizer, f"checkpoint of step {step}")
-                    rng = _rng_states(env)
-                    health = {"bad_clips": _gather_ints(data.bad_clips.count, env), "skipped_steps": skipped_steps,
-                              "bad_steps_in_row": bad_in_row}
-                    if env.main:
-                        checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
-                            "step": step, "loader": {"epoch": epoch, "batch": batch_in_epoch,
-                                                     "clips": batch_in_epoch * cfg.batch_size},
-                            "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
-                            "world_size": env.world_size, "store": store_identity(info), "health": health},
-                            rng, cfg.keep_checkpoints)
-                    _barrier(env)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                    run_eval()
-                if step >= stop_at:
-                    break
-                timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
+                    record["skipped"] = [r["clip_id"] for r in skipped]
+                if not applied:
+                    record["applied"] = False
+                trace.write(json.dumps(record) + "\n")
+            fatal = bad_in_row > cfg.max_bad_steps      # the same on every rank: `applied` is agreed
+            if step % cfg.log_every == 0 or step == stop_at or fatal:
+                speed = timer.summary()
+                last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
+                                "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
+                                "clips_per_s": speed["clips_per_s"] * env.world_size,
+                                "data_wait_frac": speed["data_wait_frac"],
+                                "data/skipped_clips": _sum_over_ranks(data.bad_clips.count, env),
+                                "train/skipped_steps": skipped_steps}
+                log.log(step, last_metrics)
+                if on_log is not None:
+                    on_log(step, last_metrics)
+                timer.reset()
+            if fatal:
+                raise NonFiniteTrainingError(
+                    f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient norm, more "
+                    f"than --max-bad-steps {cfg.max_bad_steps}: the run diverged (lower --lr, raise "
+                    f"--warmup-steps, or check the data); the last checkpoint in {ckpt_dir} holds finite weights")
+            if batch_in_epoch == plan.batches_per_rank:
+                epoch, batch_in_epoch, phases = epoch + 1, 0, []
+                plan = data.plan(epoch)
+            if preemption.requested(env):
+                stop_at = step
+                if env.main:
+                    print(f"SIGTERM: stopping at step {step} with a checkpoint", flush=True)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
+                # every rank checks (the weights are the same on all), so all stop together
+                checkpoint.check_finite(trainer.module, trainer.optimizer, f"checkpoint of step {step}")
+                rng = _rng_states(env)
+                health = {"bad_clips": _gather_ints(data.bad_clips.count, env), "skipped_steps": skipped_steps,
+                          "bad_steps_in_row": bad_in_row}
+                if env.main:
+                    checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
+                        "step": step, "loader": {
+                            "epoch": epoch, "batch": batch_in_epoch, "phases": phases,
+                            "world_size": env.world_size, "streams_per_rank": data.streams_per_rank,
+                            # clips of the epoch read by all ranks together
+                            "samples": (sum(w * b for w, _, b in phases) + env.world_size * batch_in_epoch)
+                            * cfg.batch_size},
+                        "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
+                        "world_size": env.world_size, "store": store_identity(info), "health": health},
+                        rng, cfg.keep_checkpoints)
+                _barrier(env)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                run_eval()
+            timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
     finally:
+        batches.close()     # the loader's workers stop now, not at garbage collection
         for f in (trace, bad_clips_file):
             if f is not None:
                 f.close()
@@ -542,9 +564,9 @@ def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, war
     if source == "synthetic":
         batches: Iterator[dict[str, Any]] = synthetic_batches(info, cfg.batch_size, cfg.seed)
     elif source == "store":
-        batches = _forever(TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     rank=env.rank, world_size=env.world_size, num_workers=cfg.num_workers,
-                                     shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment))
+        batches = iter(TrainData(info, fmt=cfg.format, batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                                 world_size=env.world_size, num_workers=cfg.num_workers,
+                                 shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment).run(0))
     else:
         raise ValueError(f"source must be 'synthetic' or 'store', got {source!r}")
     timer = StepTimer()
@@ -560,13 +582,6 @@ def throughput(cfg: TrainConfig, source: str = "synthetic", steps: int = 20, war
     result = timer.summary()
     return {"clips_per_s": result["clips_per_s"] * env.world_size, "data_wait_frac": result["data_wait_frac"],
             "step_ms": 1000 * timer.total / steps, "batch_size": cfg.batch_size, "world_size": env.world_size}
-
-
-def _forever(data: TrainData) -> Iterator[dict[str, Any]]:
-    epoch = 0
-    while True:
-        yield from data.epoch(epoch)
-        epoch += 1
 
 
 def main(argv: Iterable[str] | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -338,3 +339,23 @@ def test_zarr_clip_ids_are_checked_against_the_index(tmp_path):
         _read(sd.read_store(str(root)), "zarr", workers=0)
     with pytest.raises(sd.StoreContentError, match="no webdataset shards"):
         _read(sd.read_store(str(root)), "webdataset", workers=0)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_one_loader_runs_on_across_epochs_with_the_same_workers(info, fmt, monkeypatch):
+    collate = sd._collate
+
+    def tagged(items, info):        # runs in the loader worker (forked: the patch is inherited)
+        return {**collate(items, info), "pid": os.getpid()}
+
+    monkeypatch.setattr(sd, "_collate", tagged)
+    data = sd.TrainData(info, fmt=fmt, batch_size=2, seed=5, num_workers=2, shuffle_buffer=4)
+    per_epoch = data.batches_per_epoch()
+    planned = [ids for e in range(3) for ids in sd.epoch_clip_ids(info, data.plan(e), 0)]
+    for start in (0, 3):            # from the epoch's start, and resumed mid-epoch (odd: the rotation matters)
+        batches = iter(data.run(0, start))
+        got = [next(batches) for _ in range(3 * per_epoch - start)]
+        batches.close()
+        assert [b["clip_id"] for b in got] == planned[start:]
+        pids = [{b["pid"] for b in got[e * per_epoch - start:(e + 1) * per_epoch - start]} for e in (1, 2)]
+        assert pids[0] == pids[1] and len(pids[0]) == 2 and os.getpid() not in pids[0]   # not restarted
