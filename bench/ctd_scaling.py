@@ -7,7 +7,7 @@ the writer of bench/student.py), then per N runs the trainer with NCCL, bf16, --
 `--log-every 1`, and reads rank 0's metrics.jsonl: steady-state clips/s (the trainer logs all ranks'
 clips) and data wait
 (median over steps after the compile warm-up, away from epoch boundaries), their mean over the
-three steps around each epoch boundary, and scaling efficiency per GPU.
+first two steps of each new epoch, and scaling efficiency per GPU.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ def run(store: Path, out: Path, gpus: int, args) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarise(rows: list[dict], gpus: int, clips: int, batch: int, skip: int) -> dict:
-    per_epoch = clips // (batch * gpus)
-    near = {e * per_epoch + d for e in range(1, 1 + len(rows) // max(per_epoch, 1)) for d in (-1, 0, 1)}
+def summarise(rows: list[dict], gpus: int, skip: int) -> dict:
+    """Steady state and epoch boundaries (the first step of each new epoch and the step after it,
+    found from the logged epoch) of one run's per-step metrics."""
+    first = {r["step"] for prev, r in zip(rows, rows[1:]) if r.get("epoch") != prev.get("epoch")}
+    near = first | {s + 1 for s in first}
     steady = [r for r in rows if r["step"] > skip and r["step"] not in near and "clips_per_s" in r]
     boundary = [r for r in rows if r["step"] in near and r["step"] > skip and "clips_per_s" in r]
 
@@ -57,7 +59,7 @@ def summarise(rows: list[dict], gpus: int, clips: int, batch: int, skip: int) ->
         return how([r[key] for r in rs]) if rs else None
 
     # steady state: medians; boundary windows: means, so one stalled step shows
-    return {"gpus": gpus, "steps_per_epoch": per_epoch, "steady_steps": len(steady),
+    return {"gpus": gpus, "epoch_starts": sorted(first), "steady_steps": len(steady),
             "clips_per_s": over(steady, "clips_per_s", statistics.median),
             "data_wait": over(steady, "data_wait_frac", statistics.median), "boundary_steps": len(boundary),
             "boundary_clips_per_s": over(boundary, "clips_per_s", statistics.mean),
@@ -78,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     store = bench_store(args.out / "store", args.clips)
     rows = []
     for gpus in (int(g) for g in args.gpus.split(",")):
-        rows.append(summarise(run(store, args.out / f"run-{gpus}", gpus, args), gpus, args.clips, args.batch_size,
-                              args.skip))
+        rows.append(summarise(run(store, args.out / f"run-{gpus}", gpus, args), gpus, args.skip))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["clips_per_s"] / rows[0]["gpus"] if rows[0]["clips_per_s"] else None
     print("| GPUs | clips/s | per GPU vs first row | data wait | at epoch boundaries: clips/s | data wait |")
