@@ -324,7 +324,7 @@ def liteframe_rules(doc: dict) -> list[str]:
         total = sum(g.get("replicas", g.get("minReplicas", 0)) * n for g, n in gpu_groups)
         if cfg.use_gpu and (not fixed or total != cfg.ray_workers):
             problems.append(f"--ray-workers {cfg.ray_workers} --use-gpu needs exactly that many GPUs in fixed-size "
-                            f"groups (exact resume needs the same world size); the cluster has {total}")
+                            f"groups (Ray Train's group has a fixed size); the cluster has {total}")
     elif module == "jobs.lma_finetune":
         if not cfg.output.startswith("/"):
             problems.append("jobs.lma_finetune --output must be an absolute path on the shared volume")
