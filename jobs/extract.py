@@ -132,11 +132,6 @@ def input_policy(cfg: ExtractConfig):
                        max_pixels=cfg.max_pixels)
 
 
-def plan_limits(policy) -> dict:
-    """The input limits that change which clips a video gets: part of the clip spec's identity."""
-    return {"max_duration": policy.max_duration, "max_gap": policy.max_gap, "max_frames": policy.max_frames}
-
-
 def decode_task_memory(cfg: ExtractConfig, threads: int) -> int:
     """--decode-memory, or what one decode task needs at the largest frame the policy allows."""
     from pipeline.video import decode_memory
@@ -161,7 +156,7 @@ def store_schema(cfg: ExtractConfig, teacher: dict) -> dict:
                      "temperature": compression.temperature},
         clip={"frames": cfg.clip_frames, "views": cfg.views, "fps_range": list(cfg.fps),
               "max_clips_per_view": cfg.max_clips_per_view, "pad_short": cfg.pad_short, "seed": cfg.seed,
-              "resize": DecodeOptions.resize, **plan_limits(input_policy(cfg))},
+              "resize": DecodeOptions.resize, **input_policy(cfg).plan_limits()},
         frames={"encoding": cfg.frame_encoding, "size": [cfg.size, cfg.size], "quality": cfg.jpeg_quality},
         target={"tokens": grid[0] * grid[1] * grid[2], "grid": list(grid), "dim": teacher["dim"],
                 "dtype": cfg.target_dtype},

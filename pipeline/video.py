@@ -75,6 +75,10 @@ class InputPolicy:
     max_frames: int = 1_000_000
     max_pixels: int = 7680 * 4320
 
+    def plan_limits(self) -> dict:
+        """The limits that change which clips a video gets: part of a store's clip-spec identity."""
+        return {"max_duration": self.max_duration, "max_gap": self.max_gap, "max_frames": self.max_frames}
+
     def __post_init__(self) -> None:
         if not (self.max_duration > 0 and self.max_gap > 0 and self.max_frames >= 1 and self.max_pixels >= 1):
             raise ValueError(f"bad input policy {self}: every limit must be positive")

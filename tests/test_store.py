@@ -402,9 +402,9 @@ def test_upgrade_a_version_1_store_in_place(tmp_path):
     assert got.manifest.equals(want.manifest)
     assert got.read_index().sort_by("clip_id").equals(want.read_index().sort_by("clip_id"))
     assert got.read_errors().sort_by("video_uri").equals(want.read_errors().sort_by("video_uri"))
-    from pipeline.store.upgrade import V1_PLAN_LIMITS
+    from pipeline.video import DEFAULT_POLICY
 
-    upgraded = {**want.schema, "clip": {**want.schema["clip"], **V1_PLAN_LIMITS}}
+    upgraded = {**want.schema, "clip": {**want.schema["clip"], **DEFAULT_POLICY.plan_limits()}}
     assert got.schema == {**upgraded, "config_hash": st.schema.identity_hash(upgraded)}
     assert {p: p.read_bytes() for p in data_files} == data_files, "the data objects are not rewritten"
     assert not (root / "index.parquet").exists() and not (root / "errors.parquet").exists()

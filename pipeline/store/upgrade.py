@@ -22,9 +22,8 @@ from pipeline.store.files import list_names, parquet_bytes, read_json, read_many
 from pipeline.store.records import ShardCommit
 from pipeline.store.schema import INDEX_SCHEMA, SCHEMA_VERSION, StoreError, identity_hash
 
-# pipeline.video.InputPolicy's defaults, which jobs.extract records in a store's clip spec
-V1_PLAN_LIMITS = {"max_duration": 4 * 3600.0, "max_gap": 300.0, "max_frames": 1_000_000}
 from pipeline.store.writer import StoreWriter
+from pipeline.video import DEFAULT_POLICY
 
 
 def upgrade(root: str) -> dict:
@@ -42,7 +41,7 @@ def upgrade(root: str) -> dict:
     complete = fs.exists(f"{layout.path}/index.parquet")
     # Version 1 planned clips without input limits; its videos were within today's defaults unless
     # longer than 4 h, which a v1 store with such videos would differ on.
-    clip = {**schema["clip"], **{k: v for k, v in V1_PLAN_LIMITS.items() if k not in schema["clip"]}}
+    clip = {**DEFAULT_POLICY.plan_limits(), **schema["clip"]}
     schema = {**schema, "schema_version": SCHEMA_VERSION, "clip": clip}
     schema["config_hash"] = identity_hash(schema)
     writer = StoreWriter(root, schema, probe.storage_options)
