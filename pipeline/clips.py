@@ -111,12 +111,22 @@ def _plan(video_id: str, view: int, index: int, fps: float, times: np.ndarray, p
 
 
 def decode_clips(uri: str, plans: Sequence[ClipPlan], size=448, resize: str = "shorter_center_crop",
-                 timeout: float | None = None, info: VideoInfo | None = None,
+                 timeout: float | None = None, info: VideoInfo | None = None, decoder: str = "ffmpeg",
                  **decode_kw) -> list[tuple[ClipPlan, Frames]]:
     """All clips of one video from a single decode (all views together, so shared frames decode
-    once), in plan order. Callers bound memory by passing fewer plans at a time."""
+    once), in plan order. Callers bound memory by passing fewer plans at a time.
+
+    decoder: "ffmpeg" (the CPU path) or "nvdec" (pipeline.nvdec, which raises NvdecFallback for a
+    video it cannot decode exactly); `decode_kw` go to that decoder."""
     times = [t for p in plans for t in p.timestamps]
-    frames = decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
+    if decoder == "nvdec":
+        from . import nvdec
+
+        frames = nvdec.decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
+    elif decoder == "ffmpeg":
+        frames = decode_frames(uri, times, size=size, resize=resize, timeout=timeout, info=info, **decode_kw)
+    else:
+        raise ValueError(f"decoder must be 'ffmpeg' or 'nvdec', got {decoder!r}")
     out, pos = [], 0
     for p in plans:
         k = len(p.timestamps)

@@ -8,6 +8,7 @@ the store's size (never the whole decoded video) and, after the teacher, its com
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -25,6 +26,8 @@ from pipeline.store import (TARGET_DTYPES, StoreError, StoreWriter, encode_frame
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ogv")
 URI_COLUMNS = ("video_uri", "uri", "url", "path")
+
+log = logging.getLogger("pipeline.stages")
 
 
 # ---------------------------------------------------------------- inputs
@@ -77,6 +80,7 @@ class DecodeOptions:
     chunk_clips: int = 8               # clips decoded (and held in memory) at once per video
     policy: Any = None                 # pipeline.video.InputPolicy: what an input may make us do; None: defaults
     threads: int = 1                   # ffmpeg threads per decode: the CPUs the task reserves
+    decoder: str = "ffmpeg"            # "ffmpeg" (CPU) or "nvdec": tried first, ffmpeg for what NVDEC cannot take
 
 
 def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -86,7 +90,10 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
     every clip that precedes the first clip that fails: a partly corrupt video keeps the same clips
     whatever the chunking and whichever clips an interrupted run already committed. `video_clips`
     (clips planned for the whole video) goes with every clip so the store can tell complete
-    videos from partial ones."""
+    videos from partial ones.
+
+    With options.decoder "nvdec", a video NVDEC cannot decode exactly (pipeline.nvdec) is decoded
+    by ffmpeg from that chunk on, with ffmpeg's typed errors; each clip row names its decoder."""
     from pipeline.clips import decode_clips, plan_clips
     from pipeline.video import DEFAULT_POLICY, probe, video_id
 
@@ -95,10 +102,30 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
     plans = plan_clips(video_id(uri), info, options.clip_spec, options.seed)
     skip = set(skip)
     todo = sorted((p for p in plans if p.clip_id not in skip), key=lambda p: (p.timestamps[0], p.view, p.index))
+    decoder = options.decoder
+    if decoder == "nvdec":
+        from pipeline.nvdec import unsupported_reason
+
+        reason = unsupported_reason(info)
+        if reason is not None:
+            log.info("%s: decoded on the CPU: %s", uri, reason)
+            decoder = "ffmpeg"
 
     def decode(chunk):
-        return decode_clips(uri, chunk, size=options.size, resize=options.resize, timeout=options.timeout,
-                            info=info, policy=policy, threads=options.threads)
+        nonlocal decoder
+        kw = {"threads": options.threads} if decoder == "ffmpeg" else {}
+        try:
+            pairs = decode_clips(uri, chunk, size=options.size, resize=options.resize, timeout=options.timeout,
+                                 info=info, policy=policy, decoder=decoder, **kw)
+            return [(plan, frames, decoder) for plan, frames in pairs]
+        except VideoError:
+            raise
+        except Exception as e:           # NvdecFallback, or the GPU decoder's own failure: not the input's fault
+            if decoder != "nvdec":
+                raise
+            log.warning("%s: NVDEC failed (%s: %s); decoding it on the CPU", uri, type(e).__name__, e)
+            decoder = "ffmpeg"
+            return decode(chunk)
 
     for i in range(0, len(todo), options.chunk_clips):
         chunk = todo[i:i + options.chunk_clips]
@@ -120,8 +147,9 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
             raise error
 
 
-def clip_batch(uri: str, video_clips: int, pairs: Sequence[tuple[Any, Any]]) -> dict[str, np.ndarray]:
-    """(ClipPlan, Frames) pairs of one video -> a numpy batch of clip rows."""
+def clip_batch(uri: str, video_clips: int, decoded: Sequence[tuple[Any, Any, str]]) -> dict[str, np.ndarray]:
+    """(ClipPlan, Frames, decoder) of one video's clips -> a numpy batch of clip rows."""
+    pairs = [(plan, frames) for plan, frames, _ in decoded]
     return {
         "clip_id": np.array([p.clip_id for p, _ in pairs]),
         "video_id": np.array([p.video_id for p, _ in pairs]),
@@ -135,6 +163,7 @@ def clip_batch(uri: str, video_clips: int, pairs: Sequence[tuple[Any, Any]]) -> 
         "crop_box": np.array([f.crop_box for _, f in pairs], dtype=np.int32),
         "padded": np.array([p.padded for p, _ in pairs], dtype=np.int32),
         "video_clips": np.full(len(pairs), video_clips, dtype=np.int32),
+        "decoder": np.array([decoder for _, _, decoder in decoded]),
         "frames": np.stack([f.frames for _, f in pairs]),
     }
 

@@ -104,6 +104,8 @@ class VideoInfo:
     start_time: float  # container time of the first frame, seconds (non-zero in e.g. MPEG-TS)
     last_time: float | None = None  # presentation time of the last frame, from the first frame
     stream: int = 0  # absolute index of the decoded video stream in the container
+    color_range: str = ""  # "tv" (limited), "pc" (full) or "" (untagged: limited)
+    color_matrix: str = ""  # YUV->RGB matrix tag, e.g. "bt709"; "" (untagged: BT.601, as swscale does)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class _FrameTable:
     format_start: float = 0.0  # container start time: ffmpeg's -ss counts from it
     codec: str = ""
     damaged: bool = False  # the codec's parser complained while demuxing: some packet is broken
+    time_base: Fraction | None = None  # of the packets' pts (times = pts * time_base); None: from a decoder
 
 
 def video_id(uri: str) -> str:
@@ -249,7 +252,7 @@ def _load(uri: str, timeout: float, path: str | None = None,
         table = _decoder_table(uri, path, header["stream"], max(1.0, deadline - time.monotonic()), policy)
     else:
         until = None if complete else int(np.max(np.where(dts != _NOPTS, dts, pts)))
-        table = _table(pts, dts, flags, tb, policy, until)
+        table = dataclasses.replace(_table(pts, dts, flags, tb, policy, until), time_base=tb)
     damaged = any(line.startswith(f"[{header['codec']} @ ") for line in err.splitlines())
     table = dataclasses.replace(table, format_start=header["format_start"], codec=header["codec"], damaged=damaged)
     info = _info(uri, header, table)
@@ -510,9 +513,21 @@ def _parse_header(uri: str, err: str, path: str) -> dict:
             "fps": _rate(m.group(3), "fps"),
             "tbr": _rate(m.group(3), "tbr"),
             "rotation": rotation,
+            **_color(fields[1] if len(fields) > 1 else ""),
             "format_start": float(start.group(1)) if start else 0.0,
         }
     raise NoVideoStreamError(uri, "the container has no video stream")
+
+
+_SCAN_ORDERS = ("progressive", "top first", "bottom first", "top coded first (swapped)", "bottom coded first (swapped)")
+
+
+def _color(pix_fmt_field: str) -> dict:
+    """'yuv420p(tv, bt709/bt709/iec61966-2-1, progressive)' -> range 'tv', matrix 'bt709'."""
+    inside = pix_fmt_field.partition("(")[2].rstrip(")")
+    tags = [t.strip() for t in inside.split(",") if t.strip() and t.strip() not in _SCAN_ORDERS]
+    color_range = tags.pop(0) if tags and tags[0] in ("tv", "pc") else ""
+    return {"color_range": color_range, "color_matrix": tags[0].split("/")[0] if tags else ""}
 
 
 def _info(uri: str, h: dict, table: _FrameTable) -> VideoInfo:
@@ -528,6 +543,7 @@ def _info(uri: str, h: dict, table: _FrameTable) -> VideoInfo:
         uri=uri, duration=float(rel[-1] + step), avg_fps=float(avg), nominal_fps=float(nominal or avg),
         num_frames=n, width=w, height=hgt, rotation=h["rotation"], codec=h["codec"], pix_fmt=h["pix_fmt"],
         start_time=float(table.times[0]), last_time=float(rel[-1]), stream=h["stream"],
+        color_range=h["color_range"], color_matrix=h["color_matrix"],
     )
 
 
@@ -760,19 +776,20 @@ def _run(path: str, uri: str, info: VideoInfo, table: _FrameTable, run: _Run, sl
     return got, err
 
 
-def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, int] = 448,
-                  resize: str = "shorter_center_crop", timeout: float | None = None,
-                  info: VideoInfo | None = None, threads: int = 0, seek_gap: float = SEEK_GAP_S,
-                  policy: InputPolicy = DEFAULT_POLICY) -> Frames:
-    """The frames nearest `timestamps` (seconds from the first frame), resized, display-oriented.
+@dataclass(frozen=True)
+class _Opened:
+    uri: str
+    req: np.ndarray  # requested seconds from the first frame
+    path: str  # the local file ffmpeg reads
+    table: _FrameTable
+    probed: VideoInfo
+    info: VideoInfo
+    deadline: float  # time.monotonic() by which the whole call must be done
 
-    timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video
-    (of the video `policy` considers).
-    threads: ffmpeg decoder and filter-graph threads, 0 = ffmpeg's choice (all cores); 1 when the
-    caller runs one decode per core.
-    seek_gap: seconds of video needing no packet beyond which a new ffmpeg run seeks ahead.
-    policy: which inputs are accepted and the limits of one (frames over `max_pixels` are refused).
-    Raises a `VideoError` subclass for every bad input; the URI is in the message."""
+
+def _open(uri: str, timestamps: Sequence[float], timeout: float | None, info: VideoInfo | None,
+          policy: InputPolicy) -> _Opened:
+    """Checks, resolution and the frame table shared by every decoder of a request."""
     uri = str(uri)
     req = np.asarray(timestamps, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(req)):
@@ -786,7 +803,61 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         raise LimitExceededError(uri, f"{info.width}x{info.height} frames: more than {policy.max_pixels} pixels "
                                       "(InputPolicy.max_pixels)")
     budget = timeout if timeout is not None else 60.0 + 2.0 * max(info.duration, 0.0)
-    deadline = started + budget
+    return _Opened(uri, req, path, table, probed, info, started + budget)
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """The frames nearest some timestamps, located for a decoder other than ffmpeg (pipeline.nvdec):
+    the same frames `decode_frames` would deliver, named by their presentation times."""
+
+    uri: str
+    path: str  # the local file (a remote input is already in the cache)
+    info: VideoInfo
+    index: np.ndarray  # int64 [F] sorted unique frames to decode: positions in presentation order
+    pts: np.ndarray | None  # int64 [F] sorted unique frames to decode, in `time_base` ticks; None: no packet pts
+    time_base: Fraction | None
+    keep: list[tuple[int, int]] | None  # dts ranges of the packets those frames need (decode order); None: all
+    inverse: np.ndarray  # request i is frame `inverse[i]` of those
+    timestamps: np.ndarray  # float64 seconds from the first frame, per request (Frames.timestamps)
+    damaged: bool  # the demuxer saw a broken packet: only ffmpeg's -xerror decode can say which frames are good
+    deadline: float  # time.monotonic() by which the call must be done
+
+
+def locate_frames(uri: str, timestamps: Sequence[float], timeout: float | None = None,
+                  info: VideoInfo | None = None, policy: InputPolicy = DEFAULT_POLICY) -> FrameRequest:
+    """What `decode_frames` would decode, without decoding: same checks, limits and errors."""
+    o = _open(uri, timestamps, timeout, info, policy)
+    rel = o.table.times - o.table.times[0]
+    pick = _nearest(rel, o.req) if len(o.req) else np.zeros(0, np.int64)
+    uniq, inverse = np.unique(pick, return_inverse=True)
+    tb = o.table.time_base
+    pts = None if tb is None else np.round(o.table.times[uniq] / float(tb)).astype(np.int64)
+    keep = None
+    if len(uniq) and o.table.packets is not None:
+        runs = _plan(o.table, uniq, float("inf"))
+        keep = None if any(run.keep is None for run in runs) else [r for run in runs for r in run.keep]
+    return FrameRequest(o.uri, o.path, o.info, uniq.astype(np.int64), pts, tb, keep, inverse.reshape(-1),
+                        rel[pick].astype(np.float64),
+                        o.table.damaged, o.deadline)
+
+
+def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, int] = 448,
+                  resize: str = "shorter_center_crop", timeout: float | None = None,
+                  info: VideoInfo | None = None, threads: int = 0, seek_gap: float = SEEK_GAP_S,
+                  policy: InputPolicy = DEFAULT_POLICY) -> Frames:
+    """The frames nearest `timestamps` (seconds from the first frame), resized, display-oriented.
+
+    timeout: budget for the whole call (probe included); default 60 s + 2 s per second of video
+    (of the video `policy` considers).
+    threads: ffmpeg decoder and filter-graph threads, 0 = ffmpeg's choice (all cores); 1 when the
+    caller runs one decode per core.
+    seek_gap: seconds of video needing no packet beyond which a new ffmpeg run seeks ahead.
+    policy: which inputs are accepted and the limits of one (frames over `max_pixels` are refused).
+    Raises a `VideoError` subclass for every bad input; the URI is in the message."""
+    opened = _open(uri, timestamps, timeout, info, policy)
+    uri, req, path, table, probed, info, deadline = (opened.uri, opened.req, opened.path, opened.table, opened.probed,
+                                                    opened.info, opened.deadline)
     H, W = _out_size(size)
     box, chain = geometry(info, size, resize)
     if len(req) == 0:

@@ -31,6 +31,7 @@ INDEX_SCHEMA = pa.schema([
     ("crop_box", pa.list_(pa.int32())),
     ("padded", pa.int32()),
     ("video_clips", pa.int32()),   # clips planned for the whole video: lets a resume tell done videos
+    ("decoder", pa.string()),      # what decoded its frames: "ffmpeg" (CPU) or "nvdec"; null in older stores
     ("shard", pa.string()),
     ("row", pa.int32()),
     ("checksum", pa.string()),     # sha256 of the stored target bytes, first 16 hex digits

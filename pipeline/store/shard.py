@@ -86,7 +86,8 @@ class ShardWriter:
         self._sums[1] += (values ** 2).sum(0)
         self._count += values.shape[0]
         target_bytes = np.ascontiguousarray(target).tobytes()
-        row = {k: clip[k] for k in INDEX_FIELDS}
+        row = {k: clip[k] for k in INDEX_FIELDS if k != "decoder"}
+        row["decoder"] = str(clip["decoder"]) if clip.get("decoder") is not None else None   # None: not decoded here
         row.update(clip_id=str(row["clip_id"]), video_id=str(row["video_id"]), video_uri=str(row["video_uri"]),
                    view=int(row["view"]), clip_index=int(row["clip_index"]), fps=float(row["fps"]),
                    start=float(row["start"]), timestamps=[float(t) for t in row["timestamps"]],

@@ -1,0 +1,191 @@
+"""Decode on the GPU's NVDEC engines: the same frames as `pipeline.video.decode_frames`, or a reason not to.
+
+The CPU path stays the reference. A video comes here only when NVDEC can take it exactly
+(`unsupported_reason`: codec, chroma format, bit depth, size; a stream whose demuxer saw a broken
+packet goes to ffmpeg, whose `-xerror` decode is what tells good frames from concealed garbage).
+Frames are located by `video.locate_frames` (nearest presentation time, the same checks and limits,
+and the packets each frame needs: from the keyframe before it up to it in decode order). PyNvVideoCodec's
+demuxer reads the file; only those packets reach the decoder, and a frame is taken by its presentation
+timestamp, so it is the frame the CPU path delivers. A frame that never comes out, another stream
+or time base than the probe's, or any decoder failure raises `NvdecFallback` and the caller decodes
+that video on the CPU, so a wrong frame is never returned. (SimpleDecoder's frame indices were tried
+first and differ from presentation order on Matroska files and on MP4 edit lists.)
+
+The decoded NV12/P016 surfaces never leave the GPU: `pipeline.yuv` rotates, crops, resizes and
+converts them there; `device=True` returns the frames as a CUDA tensor for an on-GPU consumer.
+
+Untrusted inputs: PyNvVideoCodec opens the file with its own libavformat, so only a local regular
+file that ffmpeg's whitelisted probe already accepted is handed to it (`locate_frames` resolves and
+checks it first; remote inputs are in the local cache by then).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DecodeTimeoutError
+from .video import DEFAULT_POLICY, Frames, InputPolicy, VideoInfo, _out_size, geometry, locate_frames
+from .yuv import split_planes, to_rgb
+
+# What NVDEC decodes on Ampere/Hopper (NVIDIA's decoder support matrix), as ffmpeg names codecs
+# and pixel formats: 4:2:0 only (NV12 / P016 surfaces), 8 to 12 bits, with each codec's largest frame.
+NVDEC_CODECS = {"h264": (4096, 4096), "hevc": (8192, 8192), "vp9": (8192, 8192), "av1": (8192, 8192)}
+NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "yuv420p10le", "yuv420p12le")
+MIN_SIZE = (48, 16)     # NVDEC's smallest frame (width, height)
+DECODERS = ("ffmpeg", "nvdec")   # the `decoder` column of a store's index
+
+
+class NvdecFallback(RuntimeError):
+    """This video cannot be decoded exactly on NVDEC; decode it on the CPU (not an input error)."""
+
+
+def unsupported_reason(info: VideoInfo) -> str | None:
+    """Why NVDEC cannot decode this stream exactly, or None when it can."""
+    if info.codec not in NVDEC_CODECS:
+        return f"codec {info.codec} is not decoded by NVDEC here ({', '.join(NVDEC_CODECS)} are)"
+    if info.pix_fmt not in NVDEC_PIX_FMTS:
+        return f"pixel format {info.pix_fmt}: NVDEC outputs 4:2:0 only"
+    coded_w, coded_h = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+    max_w, max_h = NVDEC_CODECS[info.codec]
+    if not (MIN_SIZE[0] <= coded_w <= max_w and MIN_SIZE[1] <= coded_h <= max_h):
+        return f"{coded_w}x{coded_h} is outside NVDEC's {MIN_SIZE[0]}x{MIN_SIZE[1]}..{max_w}x{max_h} for {info.codec}"
+    if coded_w % 2 or coded_h % 2:
+        return f"{coded_w}x{coded_h}: odd frame sizes are decoded on the CPU"
+    return None
+
+
+def unavailable_reason(gpu: int = 0) -> str | None:
+    """Why this process cannot use NVDEC on CUDA device `gpu`, or None when it can."""
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    if gpu >= torch.cuda.device_count():
+        return f"no CUDA device {gpu} (this process sees {torch.cuda.device_count()})"
+    try:
+        import PyNvVideoCodec  # noqa: F401
+    except ImportError as e:
+        return f"PyNvVideoCodec is not installed ({e}); pip install PyNvVideoCodec"
+    return None
+
+
+@dataclass(frozen=True)
+class NvdecFrames:
+    """Frames from NVDEC: `frames` is a CUDA uint8 [T, H, W, 3] tensor when asked for on the device."""
+
+    frames: torch.Tensor
+    timestamps: np.ndarray
+    crop_box: tuple[int, int, int, int]
+
+
+def _surface(frame, height: int, width: int) -> torch.Tensor:
+    """A decoded frame's semi-planar surface as a [3H/2, W] tensor (uint8 NV12 or uint16 P016) on its GPU."""
+    t = torch.from_dlpack(frame)
+    if t.dim() == 3 and t.shape[-1] == 1:
+        t = t[..., 0]
+    if t.dtype == torch.uint8 and t.dim() == 2 and t.shape[-1] == 2 * width:     # P016 exported as bytes
+        t = t.contiguous().view(torch.uint16)
+    if t.dim() != 2 or tuple(t.shape) != (height * 3 // 2, width):
+        raise NvdecFallback(f"NVDEC surface {tuple(t.shape)} {t.dtype} is not a {width}x{height} 4:2:0 frame")
+    return t
+
+
+class _Ranges:
+    """Membership of a packet's dts in sorted, disjoint [a, b] ranges (the CPU path's packet filter)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.starts = np.array([a for a, _ in ranges], np.int64)
+        self.ends = np.array([b for _, b in ranges], np.int64)
+        self.last = int(self.ends.max()) if len(ranges) else -1
+
+    def __contains__(self, dts: int) -> bool:
+        i = int(np.searchsorted(self.starts, dts, side="right")) - 1
+        return i >= 0 and dts <= self.ends[i]
+
+
+def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, int] = 448,
+                  resize: str = "shorter_center_crop", timeout: float | None = None,
+                  info: VideoInfo | None = None, policy: InputPolicy = DEFAULT_POLICY, gpu: int = 0,
+                  device: bool = False, batch: int = 32) -> Frames | NvdecFrames:
+    """`pipeline.video.decode_frames` on NVDEC: same arguments, frames, timestamps and VideoErrors.
+
+    Raises NvdecFallback when this video needs the CPU path (see the module docstring).
+    device: return the frames as a CUDA tensor (NvdecFrames) instead of host numpy (Frames).
+    batch: frames converted at once (bounds GPU memory: `batch` source-size surfaces)."""
+    request = locate_frames(uri, timestamps, timeout, info, policy)
+    info = request.info
+    reason = unsupported_reason(info)
+    if reason is None and request.damaged:
+        reason = "the demuxer reported a damaged packet"
+    if reason is None and request.pts is None:
+        reason = "the container has no packet timestamps to check frames against"
+    if reason is not None:
+        raise NvdecFallback(reason)
+    box, _ = geometry(info, size, resize)
+    H, W = _out_size(size)
+    with torch.cuda.device(gpu):
+        out = torch.empty((len(request.pts), H, W, 3), dtype=torch.uint8, device=f"cuda:{gpu}")
+        if len(request.pts):
+            _decode_into(out, request, size, resize, gpu, batch)
+        if len(request.inverse) != len(out) or np.any(request.inverse != np.arange(len(out))):
+            out = out[torch.as_tensor(request.inverse, device=out.device)]   # repeated or unsorted requests
+    if device:
+        return NvdecFrames(out, request.timestamps, box)
+    return Frames(out.cpu().numpy(), request.timestamps, box)
+
+
+def _decode_into(out: torch.Tensor, request, size, resize: str, gpu: int, batch: int) -> None:
+    """Feed NVDEC the packets the wanted frames need, in decode order, and convert each wanted frame
+    as it comes out (matched by its presentation timestamp)."""
+    import PyNvVideoCodec as nvc
+
+    info = request.info
+    coded_w, coded_h = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+    demuxer = nvc.CreateDemuxer(filename=request.path)
+    if demuxer.GetVideoStreamId() != info.stream:
+        raise NvdecFallback(f"PyNvVideoCodec demuxes stream {demuxer.GetVideoStreamId()}, the video is stream {info.stream}")
+    time_base = Fraction(demuxer.GetTimebaseNum(), demuxer.GetTimebaseDen())
+    if time_base != request.time_base:
+        raise NvdecFallback(f"PyNvVideoCodec's time base {time_base} is not the container's {request.time_base}")
+    decoder = nvc.CreateDecoder(gpuid=gpu, codec=demuxer.GetNvCodecId(), usedevicememory=True)
+    slot_of = {int(p): i for i, p in enumerate(request.pts)}
+    needed = None if request.keep is None else _Ranges(request.keep)
+    slots: list[int] = []
+    surfaces: list[torch.Tensor] = []
+
+    def convert() -> None:
+        y, uv = split_planes(torch.stack(surfaces), coded_h, coded_w)
+        out[torch.tensor(slots, device=out.device)] = to_rgb(y, uv, info, size, resize)
+        slots.clear()
+        surfaces.clear()
+
+    def take(frames) -> None:
+        for frame in frames:
+            slot = slot_of.pop(frame.getPTS(), None)
+            if slot is not None:       # a surface is reused by the next decode: copy it out now
+                slots.append(slot)
+                surfaces.append(_surface(frame, coded_h, coded_w).clone())
+                if len(surfaces) == batch:
+                    convert()
+
+    for packet in demuxer:
+        if time.monotonic() > request.deadline:
+            raise DecodeTimeoutError(request.uri, "decode time budget spent before all frames were decoded")
+        # Past the last needed packet every packet is fed: the decoder's reorder queue then lets the
+        # last wanted frames out.
+        if needed is not None and packet.dts <= needed.last and packet.dts not in needed:
+            continue
+        take(decoder.Decode(packet))
+        if not slot_of:
+            break
+    if slot_of:
+        take(decoder.Decode(nvc.PacketData()))      # end of stream: flush what the decoder still holds
+    if surfaces:
+        convert()
+    if slot_of:
+        raise NvdecFallback(f"{len(slot_of)} of {len(request.pts)} frames never came out of NVDEC "
+                            f"(pts {sorted(slot_of)[:4]}...)")

@@ -1,0 +1,141 @@
+"""GPU decode (pipeline.nvdec, pipeline.yuv): what NVDEC takes, the CPU-side conversion, the fallback.
+
+Everywhere: which streams go to NVDEC, and `pipeline.yuv` (the stage NVDEC's surfaces go through)
+fed with the same 4:2:0 planes from ffmpeg, against `decode_frames` on the real clips. Where a CUDA
+GPU and PyNvVideoCodec exist: NVDEC's frames against the CPU path's, frame for frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import nvdec
+from pipeline.ffmpeg import ffmpeg_exe
+from pipeline.video import decode_frames, locate_frames, probe
+from pipeline.yuv import split_planes, to_rgb
+
+# 4:2:0 clips of ../shared/videos (cockatoo is 4:4:4, test.avi MPEG-4 Part 2, corrupted.mp4 broken).
+CLIPS_420 = ("again.mkv", "bear-vp9.webm", "big_buck_bunny_0_30.webm", "bottle-detection.mp4", "car-detection.mp4",
+             "flipping_a_pancake.mkv", "hevc.ts", "nasa_13013.mp4", "sample_with_increasing_timestamps_320w_240h.mp4",
+             "video_90.mov")
+MIN_PSNR_DB = 35.0   # the issue's bar for GPU vs CPU frames
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def semi_planar(path, info, frames: int, pix_fmt: str) -> np.ndarray:
+    """The first `frames` frames as NVDEC hands them over: coded orientation, NV12 or P016 surfaces."""
+    w, h = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+    out = subprocess.run([ffmpeg_exe(), "-v", "error", "-noautorotate", "-i", str(path), "-map", f"0:{info.stream}",
+                          "-frames:v", str(frames), "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", pix_fmt,
+                          "-"], capture_output=True, check=True, timeout=120).stdout
+    dtype = np.uint8 if pix_fmt == "nv12" else np.dtype("<u2")
+    return np.frombuffer(out, dtype).reshape(-1, h * 3 // 2, w)
+
+
+def first_frames(path, count: int = 6):
+    """(info, request times) of the video's first `count` frames, checked to be exactly those."""
+    info = probe(path)
+    times = np.arange(count) / info.avg_fps
+    request = locate_frames(path, times, info=info)
+    count = len(request.index)
+    assert request.index.tolist() == list(range(count))
+    return info, request.timestamps[:count]
+
+
+@pytest.mark.shared_videos
+@pytest.mark.parametrize("resize", ["shorter_center_crop", "squash", "pad"])
+@pytest.mark.parametrize("name", CLIPS_420)
+def test_yuv_stage_matches_the_cpu_path(shared_videos, name, resize):
+    """NV12 planes through pipeline.yuv give the CPU path's frames: rotation, crop, resize, matrix, range."""
+    path = shared_videos / name
+    info, times = first_frames(path)
+    cpu = decode_frames(path, times, size=(96, 128), resize=resize, info=info).frames
+    w, h = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+    y, uv = split_planes(torch.from_numpy(semi_planar(path, info, len(times), "nv12").copy()), h, w)
+    gpu_stage = to_rgb(y, uv, info, (96, 128), resize).numpy()
+    assert gpu_stage.shape == cpu.shape
+    assert psnr(gpu_stage, cpu) >= MIN_PSNR_DB, (name, resize, psnr(gpu_stage, cpu))
+
+
+@pytest.mark.shared_videos
+def test_yuv_stage_reads_16_bit_surfaces_as_nvdec_writes_10_bit(shared_videos):
+    """P016 (10-bit content in the high bits, NVDEC's output for HEVC/VP9/AV1 Main10) converts like NV12."""
+    path = shared_videos / "car-detection.mp4"
+    info, times = first_frames(path, 3)
+    h, w = info.height, info.width
+    eight = to_rgb(*split_planes(torch.from_numpy(semi_planar(path, info, 3, "nv12").copy()), h, w), info, 64)
+    p016 = semi_planar(path, info, 3, "p016le").astype(np.int32)
+    sixteen = to_rgb(*split_planes(torch.from_numpy(p016).to(torch.uint16), h, w), info, 64)
+    assert (eight.int() - sixteen.int()).abs().max() <= 1
+
+
+def test_color_tags_choose_the_matrix_and_range(shared_videos):
+    """BT.709 and full-range tags are read from the stream; the conversion differs when they do."""
+    info = probe(shared_videos / "nasa_13013.mp4")
+    assert (info.color_range, info.color_matrix) == ("tv", "bt709")
+    full = probe(shared_videos / "again.mkv")
+    assert (full.pix_fmt, full.color_range) == ("yuvj420p", "pc")
+    y = torch.full((1, 1, 4, 4), 100.0)
+    uv = torch.stack([torch.full((1, 2, 2), 90.0), torch.full((1, 2, 2), 180.0)], dim=1)
+    as_709 = to_rgb(y, uv, info, 4, "squash")
+    as_601 = to_rgb(y, uv, dataclasses.replace(info, color_matrix=""), 4, "squash")
+    as_full = to_rgb(y, uv, dataclasses.replace(info, color_range="pc"), 4, "squash")
+    assert not torch.equal(as_709, as_601) and not torch.equal(as_709, as_full)
+
+
+@pytest.mark.shared_videos
+@pytest.mark.parametrize("name, reason", [
+    ("cockatoo.mp4", "4:2:0 only"), ("test.avi", "codec mpeg4"), ("big_buck_bunny_0_30.webm", "codec vp8")])
+def test_streams_nvdec_cannot_take_are_named(shared_videos, name, reason):
+    assert reason in nvdec.unsupported_reason(probe(shared_videos / name))
+
+
+def test_size_limits_of_nvdec(shared_videos):
+    info = probe(shared_videos / "nasa_13013.mp4")
+    assert nvdec.unsupported_reason(dataclasses.replace(info, width=5120, height=2880)) is not None   # H.264 > 4096
+    assert nvdec.unsupported_reason(dataclasses.replace(info, codec="hevc", width=5120, height=2880)) is None
+    assert "odd" in nvdec.unsupported_reason(dataclasses.replace(info, width=321))
+    assert nvdec.unsupported_reason(dataclasses.replace(info, width=32)) is not None
+
+
+# ---------------------------------------------------------------- on a GPU with NVDEC
+
+def _nvdec_missing() -> str | None:
+    return nvdec.unavailable_reason(0)
+
+
+gpu = pytest.mark.skipif(_nvdec_missing() is not None, reason=f"NVDEC path not runnable here: {_nvdec_missing()}")
+
+
+@gpu
+@pytest.mark.shared_videos
+@pytest.mark.parametrize("name", [n for n in CLIPS_420 if n != "big_buck_bunny_0_30.webm"])
+def test_nvdec_frames_match_the_cpu_path(shared_videos, name):
+    """Same requested times -> the same frames (timestamps equal), PSNR >= 35 dB against ffmpeg's."""
+    path = shared_videos / name
+    info = probe(path)
+    times = np.linspace(0, max(info.duration - 0.05, 0), 12)[[0, 5, 2, 11, 5, 7]]   # unsorted, repeated
+    cpu = decode_frames(path, times, size=224, info=info)
+    got = nvdec.decode_frames(path, times, size=224, info=info)
+    np.testing.assert_array_equal(got.timestamps, cpu.timestamps)
+    assert got.crop_box == cpu.crop_box
+    assert psnr(got.frames, cpu.frames) >= MIN_PSNR_DB, psnr(got.frames, cpu.frames)
+    on_gpu = nvdec.decode_frames(path, times, size=224, info=info, device=True)
+    assert on_gpu.frames.is_cuda and np.array_equal(on_gpu.frames.cpu().numpy(), got.frames)
+
+
+@gpu
+@pytest.mark.shared_videos
+def test_nvdec_refuses_what_it_cannot_decode_exactly(shared_videos):
+    for name in ("cockatoo.mp4", "test.avi", "corrupted.mp4"):
+        with pytest.raises(nvdec.NvdecFallback):
+            nvdec.decode_frames(shared_videos / name, [0.0, 0.5], size=64)
