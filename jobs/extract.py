@@ -16,12 +16,12 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterable
 
 from jobs.cluster import connect
 from pipeline.config import ConfigError, check_config, log_to_stderr, parse_bytes, parse_config, to_dict
-from pipeline.stages import (DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
+from pipeline.stages import (DecodeOptions, GpuDecodeStage, TeacherStage, WriteSummary, decode_videos, encode_frames,
                              list_videos, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
 from pipeline.store.lease import Lease
@@ -74,6 +74,16 @@ class ExtractConfig:
     teacher_actors: int | None = field(default=None, metadata={"min": 1, "help": "teacher actors; default one per GPU, or 1"})
     teacher_cpus: float = field(default=1.0, metadata={"min": 0, "help": "CPUs reserved per teacher actor"})
     decode_cpus: float = field(default=1.0, metadata={"min": 0.01, "help": "CPUs per decode task"})
+    decode_device: str = field(default="auto", metadata={
+        "choices": ("auto", "cpu", "gpu"),
+        "help": "cpu: ffmpeg decode tasks; gpu: one decode actor per GPU on its NVDEC engines (ffmpeg for videos "
+                "NVDEC cannot take); auto: gpu plus CPU decode slots in that actor where the cluster has GPUs "
+                "(ffmpeg alone where PyNvVideoCodec is missing), else cpu"})
+    nvdec_sessions: int = field(default=4, metadata={"min": 1, "max": 32,
+                                                     "help": "videos decoded on NVDEC at once per GPU"})
+    decode_cpu_slots: int | None = field(default=None, metadata={"min": 0, "max": 256, "help": (
+        "with --decode-device auto: videos decoded by ffmpeg at once in each GPU's decode actor; default the "
+        "cluster's CPUs per GPU less the teacher's and one")})
     decode_memory: str | None = field(default=None, metadata={
         "bytes": True, "min": 1, "help": "memory reserved per decode task; default what one needs at the largest "
                                          "allowed frame (pipeline.video.decode_memory)"})
@@ -221,8 +231,39 @@ def input_blocks(pending: "pa.Table") -> list["pa.Table"]:
     return [pa.Table.from_pylist(pending.slice(i, rows).to_pylist(), schema=pending.schema) for i in range(0, n, rows)]
 
 
+# The share of each GPU its decode actor holds (NVDEC sessions, the frame conversion); the teacher
+# actor beside it gets the rest, so Ray places exactly one of each per GPU.
+DECODE_GPU_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where decode runs: CPU tasks, or one decode actor per GPU (NVDEC sessions + CPU slots)."""
+
+    on_gpu: bool
+    gpus: int = 0
+    sessions: int = 0
+    cpu_slots: int = 0
+    require_nvdec: bool = False
+
+
+def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
+    """--decode-device against the cluster's resources (ray.cluster_resources())."""
+    gpus = int(resources.get("GPU", 0))
+    if cfg.decode_device == "gpu" and not gpus:
+        raise ConfigError("--decode-device gpu: the cluster has no GPUs (use cpu or auto)")
+    if cfg.decode_device == "cpu" or not gpus:
+        return DecodePlan(on_gpu=False)
+    slots = 0
+    if cfg.decode_device == "auto":
+        per_gpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - 1
+        slots = max(0, per_gpu) if cfg.decode_cpu_slots is None else cfg.decode_cpu_slots
+    return DecodePlan(on_gpu=True, gpus=gpus, sessions=cfg.nvdec_sessions, cpu_slots=slots,
+                      require_nvdec=cfg.decode_device == "gpu")
+
+
 def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *, use_gpu: bool,
-                 teacher_dtype: str) -> WriteSummary:
+                 teacher_dtype: str, decode: DecodePlan) -> WriteSummary:
     import ray
     import ray.data
 
@@ -241,11 +282,20 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
     # The memory reservation bounds concurrent decodes to what RAM holds; being a resource the teacher
     # actors do not ask for, it also keeps Ray Data from fusing decode into them, so decode scales
     # on its own CPUs instead of stalling the GPU.
-    ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        memory=decode_task_memory(cfg, threads), fn_kwargs={"options": options, "store": store})
+    if decode.on_gpu:
+        calls = decode.sessions + decode.cpu_slots
+        ds = ds.map_batches(
+            GpuDecodeStage, batch_size=1, batch_format="numpy", compute=actor_pool(decode.gpus, calls),
+            num_gpus=DECODE_GPU_SHARE, num_cpus=max(1, decode.cpu_slots), memory=calls * decode_task_memory(cfg, 1),
+            fn_constructor_kwargs={"options": replace(options, threads=1), "store": store, "sessions": decode.sessions,
+                                   "cpu_slots": decode.cpu_slots, "require_nvdec": decode.require_nvdec})
+    else:
+        ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
+                            memory=decode_task_memory(cfg, threads), fn_kwargs={"options": options, "store": store})
+    teacher_gpus = (1 - DECODE_GPU_SHARE if decode.on_gpu else 1) if use_gpu else 0
     ds = ds.map_batches(
         TeacherStage, batch_size=batch, batch_format="numpy", compute=actor_pool(actors, cfg.teacher_concurrency),
-        num_gpus=1 if use_gpu else 0, num_cpus=cfg.teacher_cpus,
+        num_gpus=teacher_gpus, num_cpus=cfg.teacher_cpus,
         fn_constructor_kwargs={
             "teacher": cfg.teacher, "compression": Compression(method=cfg.compression, factors=tuple(cfg.factors)),
             "target_dtype": cfg.target_dtype, "layer": cfg.layer, "head": cfg.head,
@@ -276,6 +326,7 @@ def extract(cfg: ExtractConfig) -> dict:
         use_gpu = (cfg.teacher_device == "cuda"
                    or (cfg.teacher_device == "auto" and ray.cluster_resources().get("GPU", 0) > 0))
         teacher_dtype = teacher_precision(cfg, use_gpu)
+        decode = decode_plan(cfg, ray.cluster_resources())
         schema = store_schema(cfg, describe_teacher(cfg, teacher_dtype))
         schema["job"] = {"config": to_dict(cfg)}
         store = StoreWriter(cfg.output, schema)
@@ -286,7 +337,8 @@ def extract(cfg: ExtractConfig) -> dict:
         t0 = time.time()
         if pending.num_rows:
             store.mark_incomplete()
-            summary = run_pipeline(cfg, store, pending, use_gpu=use_gpu, teacher_dtype=teacher_dtype)
+            summary = run_pipeline(cfg, store, pending, use_gpu=use_gpu, teacher_dtype=teacher_dtype,
+                                   decode=decode)
         seconds = time.time() - t0
         final = store.finalise(written=summary.shards)
     finally:
@@ -304,6 +356,9 @@ def extract(cfg: ExtractConfig) -> dict:
         "clips_per_second": round(summary.clips / seconds, 3) if summary.clips and seconds > 0 else 0.0,
         "clips_per_second_teacher_ready": round(summary.clips / teacher_s, 3) if teacher_s else None,
         "teacher_actors_seen": len(summary.teacher),
+        "decode": (f"{decode.gpus} GPU decode actors ({decode.sessions} NVDEC sessions, {decode.cpu_slots} CPU slots each)"
+                   if decode.on_gpu else "CPU tasks"),
+        "clips_by_decoder": dict(sorted(summary.decoders.items())),
         "teacher_busy_fraction": round(busy, 3) if busy is not None else None,
         "total_seconds": round(time.time() - started, 2),
     }

@@ -4,9 +4,9 @@ The CPU path stays the reference. A video comes here only when NVDEC can take it
 (`unsupported_reason`: codec, chroma format, bit depth, size; a stream whose demuxer saw a broken
 packet goes to ffmpeg, whose `-xerror` decode is what tells good frames from concealed garbage).
 Frames are located by `video.locate_frames` (nearest presentation time, the same checks and limits,
-and the packets each frame needs: from the keyframe before it up to it in decode order). PyNvVideoCodec's
-demuxer reads the file; only those packets reach the decoder, and a frame is taken by its presentation
-timestamp, so it is the frame the CPU path delivers. A frame that never comes out, another stream
+and the packets each frame needs: from the keyframe before it up to it in decode order, named by
+their pts). PyNvVideoCodec's demuxer reads the file; only those packets reach the decoder, and a
+frame is taken by its presentation timestamp, so it is the frame the CPU path delivers. A frame that never comes out, another stream
 or time base than the probe's, or any decoder failure raises `NvdecFallback` and the caller decodes
 that video on the CPU, so a wrong frame is never returned. (SimpleDecoder's frame indices were tried
 first and differ from presentation order on Matroska files and on MP4 edit lists.)
@@ -21,6 +21,7 @@ checks it first; remote inputs are in the local cache by then).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,6 +40,10 @@ NVDEC_CODECS = {"h264": (4096, 4096), "hevc": (8192, 8192), "vp9": (8192, 8192),
 NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "yuv420p10le", "yuv420p12le")
 MIN_SIZE = (48, 16)     # NVDEC's smallest frame (width, height)
 DECODERS = ("ffmpeg", "nvdec")   # the `decoder` column of a store's index
+
+
+class NvdecUnavailableError(RuntimeError):
+    """NVDEC decode was required (--decode-device gpu) where it cannot run."""
 
 
 class NvdecFallback(RuntimeError):
@@ -94,17 +99,36 @@ def _surface(frame, height: int, width: int) -> torch.Tensor:
     return t
 
 
-class _Ranges:
-    """Membership of a packet's dts in sorted, disjoint [a, b] ranges (the CPU path's packet filter)."""
+_DECODERS = threading.local()     # per thread: recent decoders; a session is not shared between threads
+_KEEP_DECODERS = 2                # per thread: the videos of a dataset mostly share a few geometries
+_UNSUPPORTED: set[tuple] = set()  # (gpu, codec, pix_fmt) this GPU's NVDEC refused: not tried again
 
-    def __init__(self, ranges: list[tuple[int, int]]):
-        self.starts = np.array([a for a, _ in ranges], np.int64)
-        self.ends = np.array([b for _, b in ranges], np.int64)
-        self.last = int(self.ends.max()) if len(ranges) else -1
 
-    def __contains__(self, dts: int) -> bool:
-        i = int(np.searchsorted(self.starts, dts, side="right")) - 1
-        return i >= 0 and dts <= self.ends[i]
+def _decoder(gpu: int, codec, info: VideoInfo):
+    """This thread's NVDEC decoder for videos shaped like `info`, made once: creating one costs about
+    as much as decoding a short clip, and a flushed decoder takes the next video of the same codec,
+    size and format (one of another size needs its own: PyNvVideoCodec 2.2.4 does not reconfigure)."""
+    import PyNvVideoCodec as nvc
+
+    cache = getattr(_DECODERS, "recent", None)
+    if cache is None:
+        cache = _DECODERS.recent = {}
+    key = (gpu, int(codec), info.width, info.height, info.rotation, info.pix_fmt)
+    if key in cache:
+        cache[key] = cache.pop(key)          # most recent last
+    else:
+        while len(cache) >= _KEEP_DECODERS:
+            cache.pop(next(iter(cache)))
+        cache[key] = nvc.CreateDecoder(gpuid=gpu, codec=codec, usedevicememory=True)
+    return cache[key]
+
+
+def _end_of_stream():
+    import PyNvVideoCodec as nvc
+
+    packet = nvc.PacketData()
+    packet.decode_flag = nvc.VideoPacketFlag.ENDOFSTREAM
+    return packet
 
 
 def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, int] = 448,
@@ -123,6 +147,8 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
         reason = "the demuxer reported a damaged packet"
     if reason is None and request.pts is None:
         reason = "the container has no packet timestamps to check frames against"
+    if reason is None and (gpu, info.codec, info.pix_fmt) in _UNSUPPORTED:
+        reason = f"this GPU's NVDEC refused {info.codec} {info.pix_fmt} before"
     if reason is not None:
         raise NvdecFallback(reason)
     box, _ = geometry(info, size, resize)
@@ -130,7 +156,16 @@ def decode_frames(uri: str, timestamps: Sequence[float], size: int | tuple[int, 
     with torch.cuda.device(gpu):
         out = torch.empty((len(request.pts), H, W, 3), dtype=torch.uint8, device=f"cuda:{gpu}")
         if len(request.pts):
-            _decode_into(out, request, size, resize, gpu, batch)
+            try:
+                _decode_into(out, request, size, resize, gpu, batch)
+            except (NvdecFallback, DecodeTimeoutError):
+                raise
+            except Exception as e:     # PyNvVideoCodec's own errors (a codec profile this GPU lacks, ...)
+                _DECODERS.recent = {}      # a decoder in an unknown state is not reused
+                if type(e).__name__ == "PyNvVCExceptionUnsupported":
+                    _UNSUPPORTED.add((gpu, info.codec, info.pix_fmt))
+                raise NvdecFallback(f"NVDEC: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                    ) from e
         if len(request.inverse) != len(out) or np.any(request.inverse != np.arange(len(out))):
             out = out[torch.as_tensor(request.inverse, device=out.device)]   # repeated or unsorted requests
     if device:
@@ -151,9 +186,10 @@ def _decode_into(out: torch.Tensor, request, size, resize: str, gpu: int, batch:
     time_base = Fraction(demuxer.GetTimebaseNum(), demuxer.GetTimebaseDen())
     if time_base != request.time_base:
         raise NvdecFallback(f"PyNvVideoCodec's time base {time_base} is not the container's {request.time_base}")
-    decoder = nvc.CreateDecoder(gpuid=gpu, codec=demuxer.GetNvCodecId(), usedevicememory=True)
+    decoder = _decoder(gpu, demuxer.GetNvCodecId(), info)
     slot_of = {int(p): i for i, p in enumerate(request.pts)}
-    needed = None if request.keep is None else _Ranges(request.keep)
+    needed = request.needed
+    unfed = len(needed) if needed is not None else 0    # needed packets not given to the decoder yet
     slots: list[int] = []
     surfaces: list[torch.Tensor] = []
 
@@ -175,15 +211,17 @@ def _decode_into(out: torch.Tensor, request, size, resize: str, gpu: int, batch:
     for packet in demuxer:
         if time.monotonic() > request.deadline:
             raise DecodeTimeoutError(request.uri, "decode time budget spent before all frames were decoded")
-        # Past the last needed packet every packet is fed: the decoder's reorder queue then lets the
-        # last wanted frames out.
-        if needed is not None and packet.dts <= needed.last and packet.dts not in needed:
-            continue
+        if needed is not None:
+            i = int(np.searchsorted(needed, packet.pts))
+            if i == len(needed) or needed[i] != packet.pts:
+                continue
+            unfed -= 1
         take(decoder.Decode(packet))
-        if not slot_of:
+        if not slot_of or (needed is not None and not unfed):
             break
-    if slot_of:
-        take(decoder.Decode(nvc.PacketData()))      # end of stream: flush what the decoder still holds
+    # End of stream: the reorder queue lets the last wanted frames out, and the decoder is clean for
+    # the next call.
+    take(decoder.Decode(_end_of_stream()))
     if surfaces:
         convert()
     if slot_of:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -187,6 +187,39 @@ def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
             store.commit_errors([error_row(e, good)])
 
 
+class GpuDecodeStage:
+    """The decode stage of one GPU: a Ray actor beside its teacher, holding a share of that GPU.
+
+    Up to `sessions` calls (one video each) decode on NVDEC at once; with `cpu_slots` > 0 further calls
+    run at the same time on the actor's CPUs through ffmpeg, so a node's NVDEC engines and its cores
+    both work: a call takes a free NVDEC session if there is one, else decodes on the CPU. Videos
+    NVDEC cannot take fall back to ffmpeg inside the call (`decode_video`). Without a usable NVDEC
+    (no PyNvVideoCodec on the node) the actor decodes on its CPUs, or refuses to start when
+    `require_nvdec`."""
+
+    def __init__(self, *, options: DecodeOptions, store: StoreWriter, sessions: int, cpu_slots: int,
+                 require_nvdec: bool):
+        from pipeline.nvdec import NvdecUnavailableError, unavailable_reason
+
+        reason = unavailable_reason(0)       # Ray makes the actor's GPU device 0
+        if reason is not None:
+            if require_nvdec:
+                raise NvdecUnavailableError(f"--decode-device gpu: {reason}")
+            log.warning("NVDEC unavailable on this node (%s): decoding on %d CPUs", reason, cpu_slots)
+            sessions = 0
+        self.options, self.store, self.cpu_slots = options, store, cpu_slots
+        self.sessions = threading.BoundedSemaphore(sessions) if sessions else None
+
+    def __call__(self, batch: Mapping[str, Sequence]) -> Iterator[dict[str, np.ndarray]]:
+        on_gpu = self.sessions is not None and self.sessions.acquire(blocking=self.cpu_slots == 0)
+        options = replace(self.options, decoder="nvdec" if on_gpu else "ffmpeg")
+        try:
+            yield from decode_videos(batch, options=options, store=self.store)
+        finally:
+            if on_gpu:
+                self.sessions.release()
+
+
 # ---------------------------------------------------------------- teacher + compression
 
 def stored_target(target: Any, dtype: str) -> np.ndarray:
@@ -339,11 +372,14 @@ class WriteSummary:
     clips: int = 0
     bytes: int = 0
     teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
+    decoders: dict[str, int] = field(default_factory=dict)          # clips per decoder (ffmpeg, nvdec)
 
     def add(self, other: "WriteSummary") -> "WriteSummary":
         self.shards += other.shards
         self.clips += other.clips
         self.bytes += other.bytes
+        for decoder, clips in other.decoders.items():
+            self.decoders[decoder] = self.decoders.get(decoder, 0) + clips
         for actor, (busy, ready, done) in other.teacher.items():
             mine = self.teacher.setdefault(actor, [0.0, ready, done])
             mine[0] += busy
@@ -378,6 +414,8 @@ def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]]
     def clips() -> Iterator[dict[str, Any]]:
         for batch in batches:
             for row in batch_rows(batch):
+                if row.get("decoder") is not None:
+                    summary.decoders[str(row["decoder"])] = summary.decoders.get(str(row["decoder"]), 0) + 1
                 if "teacher_actor" in row:
                     summary.add(WriteSummary(teacher={str(row["teacher_actor"]): [
                         float(row["teacher_busy"]), float(row["teacher_ready"]), float(row["teacher_done"])]}))

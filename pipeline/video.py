@@ -817,7 +817,7 @@ class FrameRequest:
     index: np.ndarray  # int64 [F] sorted unique frames to decode: positions in presentation order
     pts: np.ndarray | None  # int64 [F] sorted unique frames to decode, in `time_base` ticks; None: no packet pts
     time_base: Fraction | None
-    keep: list[tuple[int, int]] | None  # dts ranges of the packets those frames need (decode order); None: all
+    needed: np.ndarray | None  # int64 sorted pts (ticks) of the packets those frames need; None: all packets
     inverse: np.ndarray  # request i is frame `inverse[i]` of those
     timestamps: np.ndarray  # float64 seconds from the first frame, per request (Frames.timestamps)
     damaged: bool  # the demuxer saw a broken packet: only ffmpeg's -xerror decode can say which frames are good
@@ -833,11 +833,16 @@ def locate_frames(uri: str, timestamps: Sequence[float], timeout: float | None =
     uniq, inverse = np.unique(pick, return_inverse=True)
     tb = o.table.time_base
     pts = None if tb is None else np.round(o.table.times[uniq] / float(tb)).astype(np.int64)
-    keep = None
-    if len(uniq) and o.table.packets is not None:
-        runs = _plan(o.table, uniq, float("inf"))
-        keep = None if any(run.keep is None for run in runs) else [r for run in runs for r in run.keep]
-    return FrameRequest(o.uri, o.path, o.info, uniq.astype(np.int64), pts, tb, keep, inverse.reshape(-1),
+    needed = None
+    pk = o.table.packets
+    if len(uniq) and pk is not None and tb is not None:
+        # The CPU path's packet plan, named by pts: containers such as Matroska store no dts, and
+        # another demuxer may infer them differently, but every packet carries its own pts.
+        ranges = [r for run in _plan(o.table, uniq, float("inf")) for r in (run.keep or [])]
+        positions = np.concatenate([np.arange(np.searchsorted(pk.dts, a), np.searchsorted(pk.dts, b, side="right"))
+                                    for a, b in ranges]) if ranges else np.zeros(0, np.int64)
+        needed = np.unique(np.round(pk.time[positions] / float(tb)).astype(np.int64))
+    return FrameRequest(o.uri, o.path, o.info, uniq.astype(np.int64), pts, tb, needed, inverse.reshape(-1),
                         rel[pick].astype(np.float64),
                         o.table.damaged, o.deadline)
 

@@ -111,6 +111,9 @@ def test_store_is_complete_and_readable(stores, videos, family):
     assert summary["store_clips"] == summary["clips_written"] == len(ids)
     assert summary["teacher_busy_fraction"] is not None and 0 < summary["teacher_busy_fraction"] <= 1
     assert summary["clips_per_second_teacher_ready"] >= summary["clips_per_second"] > 0   # start-up excluded
+    # no GPU here: --decode-device auto decodes in CPU tasks, and every clip says so
+    assert summary["decode"] == "CPU tasks" and summary["clips_by_decoder"] == {"ffmpeg": len(ids)}
+    assert {r["decoder"] for r in index} == {"ffmpeg"}
 
     # every generated video has clips; the failures are recorded, not raised
     uris = {r["video_uri"] for r in index}

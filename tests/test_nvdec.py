@@ -116,6 +116,10 @@ def _nvdec_missing() -> str | None:
 gpu = pytest.mark.skipif(_nvdec_missing() is not None, reason=f"NVDEC path not runnable here: {_nvdec_missing()}")
 
 
+# Clips NVDEC hands back to the CPU path, and why (anything else must decode on the GPU).
+EXPECTED_FALLBACK = {"nasa_13013.mp4": "demuxes stream"}    # PyNvVideoCodec picks the larger of two streams
+
+
 @gpu
 @pytest.mark.shared_videos
 @pytest.mark.parametrize("name", [n for n in CLIPS_420 if n != "big_buck_bunny_0_30.webm"])
@@ -124,6 +128,10 @@ def test_nvdec_frames_match_the_cpu_path(shared_videos, name):
     path = shared_videos / name
     info = probe(path)
     times = np.linspace(0, max(info.duration - 0.05, 0), 12)[[0, 5, 2, 11, 5, 7]]   # unsorted, repeated
+    if name in EXPECTED_FALLBACK:
+        with pytest.raises(nvdec.NvdecFallback, match=EXPECTED_FALLBACK[name]):
+            nvdec.decode_frames(path, times, size=224, info=info)
+        return
     cpu = decode_frames(path, times, size=224, info=info)
     got = nvdec.decode_frames(path, times, size=224, info=info)
     np.testing.assert_array_equal(got.timestamps, cpu.timestamps)
@@ -139,3 +147,42 @@ def test_nvdec_refuses_what_it_cannot_decode_exactly(shared_videos):
     for name in ("cockatoo.mp4", "test.avi", "corrupted.mp4"):
         with pytest.raises(nvdec.NvdecFallback):
             nvdec.decode_frames(shared_videos / name, [0.0, 0.5], size=64)
+
+
+# ---------------------------------------------------------------- the job's decode stage
+
+def test_decode_plan_follows_the_flag_and_the_cluster():
+    from jobs.extract import ExtractConfig, decode_plan
+    from pipeline.config import ConfigError, parse_config
+
+    def plan(flags, resources):
+        return decode_plan(parse_config(ExtractConfig, ["--input", "x", "--output", "y", "--teacher", "t", *flags]),
+                           resources)
+
+    assert not plan([], {"CPU": 16}).on_gpu                                    # auto without GPUs: CPU tasks
+    auto = plan([], {"CPU": 32, "GPU": 2})                                     # 16 CPUs a GPU, 1 for the teacher
+    assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 4, 14, False)
+    assert plan(["--decode-cpu-slots", "3"], {"CPU": 32, "GPU": 2}).cpu_slots == 3
+    gpu = plan(["--decode-device", "gpu", "--nvdec-sessions", "6"], {"CPU": 32, "GPU": 2})
+    assert (gpu.sessions, gpu.cpu_slots, gpu.require_nvdec) == (6, 0, True)
+    assert not plan(["--decode-device", "cpu"], {"CPU": 32, "GPU": 2}).on_gpu
+    with pytest.raises(ConfigError, match="no GPUs"):
+        plan(["--decode-device", "gpu"], {"CPU": 8})
+
+
+@pytest.mark.skipif(_nvdec_missing() is None, reason="this machine has NVDEC: the CPU-only behaviour is not reachable")
+def test_gpu_decode_stage_without_nvdec(tmp_path):
+    """Asked for (gpu): a clear error at start. Under auto: the actor decodes on its CPU slots, rows say ffmpeg."""
+    from pipeline.clips import ClipSpec
+    from pipeline.samples import make_video
+    from pipeline.stages import DecodeOptions, GpuDecodeStage
+    from pipeline.store import StoreWriter
+
+    options = DecodeOptions(clip_spec=ClipSpec(frames=4, views=1, fps_range=(2.0, 2.0)), size=32)
+    store = StoreWriter(str(tmp_path / "store"), {"teacher": {}})
+    with pytest.raises(nvdec.NvdecUnavailableError, match="--decode-device gpu"):
+        GpuDecodeStage(options=options, store=store, sessions=2, cpu_slots=0, require_nvdec=True)
+    make_video(tmp_path / "v.mp4", seconds=3.0, fps=10, size=(64, 48))
+    stage = GpuDecodeStage(options=options, store=store, sessions=2, cpu_slots=1, require_nvdec=False)
+    batches = list(stage({"video_uri": [str(tmp_path / "v.mp4")], "skip": [[]]}))
+    assert batches and all(set(b["decoder"]) == {"ffmpeg"} for b in batches)
