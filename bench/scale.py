@@ -196,6 +196,7 @@ def make_shard(first: int, stop: int, total: int) -> FakeShard:
         "timestamps": pa.ListArray.from_arrays(offsets, pa.array(timestamps.ravel())),
         "crop_box": pa.ListArray.from_arrays(offsets, pa.array(np.tile(np.int32([240, 0, 1680, 1080]), rows))),
         "padded": np.zeros(rows, np.int32), "video_clips": planned[local].astype(np.int32),
+        "decoder": pa.array(np.full(rows, "ffmpeg", dtype=object), pa.string()),
         "shard": pa.array(np.full(rows, name, dtype=object), pa.string()), "row": np.arange(rows, dtype=np.int32),
         "checksum": pa.array(checksums).cast(pa.string())}, schema=INDEX_SCHEMA)
     return FakeShard(name, index_table, uris, ids, local, planned)

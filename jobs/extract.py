@@ -3,9 +3,10 @@
     python -m jobs.extract --input videos/ --output store/ --teacher /models/internvit [--config job.yaml]
     ray job submit --working-dir . -- python -m jobs.extract --input s3://b/videos --output s3://b/store ...
 
-Streaming: video URIs -> decode tasks on CPUs (compact clips out: frames at --size, not whole videos)
--> teacher + compression in an actor pool (one actor per GPU) -> JPEG encode tasks -> a Datasink
-whose write tasks roll shards by bytes and commit them. The driver then finalises the store.
+Streaming: video URIs -> decode (compact clips out: frames at --size, not whole videos) in CPU tasks,
+or with --decode-device auto|gpu on a GPU cluster in one decode actor per GPU (NVDEC sessions and
+ffmpeg slots, see GpuDecodeStage) -> teacher + compression in an actor pool (one actor per GPU)
+-> JPEG encode tasks -> a Datasink whose write tasks roll shards by bytes and commit them. The driver then finalises the store.
 Resume is the same command: committed shards are skipped, partly done videos redo only their
 missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors/).
 """

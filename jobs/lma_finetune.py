@@ -1,64 +1,53 @@
-"""LMA fine-tuning on a Ray cluster: `lma.finetune` as one Ray task holding one GPU.
+"""LMA fine-tuning on a Ray cluster: the loop of `python -m lma.finetune` on a Ray Train worker
+group (jobs.ray_train), one rank per GPU with --use-gpu, data-parallel as under torchrun.
 
     ray job submit --working-dir . -- python -m jobs.lma_finetune --student /shared/student \\
         --llm /models/Qwen2.5-7B-Instruct --data s3://bucket/lma.jsonl --output /shared/runs/lma \\
-        --frames 256 --grad-accum 128 --use-gpu --max-retries 2
+        --frames 256 --ray-workers 8 --grad-accum 16 --use-gpu --max-failures 2
 
-The driver only validates the flags and waits; the task runs the same loop as
-`python -m lma.finetune`. OUTPUT must be a filesystem the worker node writes and you can read.
-`ray job submit` never retries a job, so with --max-retries N Ray re-runs a task whose worker died
-(node loss, OOM kill) and the rerun resumes from the last checkpoint in OUTPUT.
+An optimizer step sees --ray-workers x --batch-size x --grad-accum videos (the run above: 128).
+The driver only validates the flags and waits. OUTPUT must be a filesystem every worker writes and
+you can read. `ray job submit` never retries a job; with --max-failures N Ray Train restarts the
+worker group after a worker dies (node loss, OOM kill) and the loop resumes from the last checkpoint
+in OUTPUT (--max-failures > 0 turns --resume on). A restarted or rerun job may have another number
+of workers: give it the same effective batch and it continues the same sample order.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from jobs.cluster import connect
+from jobs.ray_train import WorkerGroup, fit, loop_config
 from lma.finetune import FinetuneConfig, finetune
-from pipeline.config import config_from_dict, log_to_stderr, parse_config, to_dict
+from pipeline.config import config_from_dict, log_to_stderr, parse_config
 
 
 @dataclass
 class RayFinetuneConfig(FinetuneConfig):
-    """Run lma.finetune as a Ray task (one GPU with --use-gpu)."""
+    """Run lma.finetune on a Ray Train worker group (one GPU per worker with --use-gpu)."""
 
-    use_gpu: bool = field(default=False, metadata={"help": "give the task one GPU (and train on it)"})
-    num_cpus: float = field(default=2.0, metadata={"min": 0, "help": "CPUs reserved for the task (video decode threads)"})
+    ray_workers: int = field(default=1, metadata={"min": 1,
+                                                  "help": "data-parallel ranks (one per GPU with --use-gpu)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (and train on it)"})
+    num_cpus: float = field(default=2.0, metadata={"min": 0, "help": "CPUs reserved per worker (video decode threads)"})
     address: str = field(default="auto", metadata={"help": "Ray address; 'auto' joins a cluster or starts one"})
-    max_retries: int = field(default=0, metadata={"min": 0, "help": "reruns of a task whose worker died (each resumes)"})
+    max_failures: int = field(default=0, metadata={"min": 0, "help": "worker-group restarts Ray may make (each resumes)"})
 
 
-def task_config(cfg: RayFinetuneConfig) -> dict[str, Any]:
-    """The FinetuneConfig the task runs: absolute output, and resume on when a rerun may happen."""
-    own = {f.name for f in fields(FinetuneConfig)}
-    data = {k: v for k, v in to_dict(cfg).items() if k in own}
-    data["output"] = str(Path(cfg.output).resolve())
-    data["resume"] = cfg.resume or cfg.max_retries > 0
-    data["device"] = "cuda" if cfg.use_gpu else "cpu"
-    return data
-
-
-def _run(config: dict[str, Any]) -> str:
+def _finetune(config: dict[str, Any]) -> None:
     log_to_stderr()
-    return str(finetune(config_from_dict(FinetuneConfig, config)))
+    finetune(config_from_dict(FinetuneConfig, config))
 
 
 def run(cfg: RayFinetuneConfig) -> str:
-    import ray
-
-    started = connect(cfg.address)
-    try:
-        remote = ray.remote(num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.num_cpus,
-                            max_retries=cfg.max_retries)(_run)
-        return ray.get(remote.remote(task_config(cfg)))
-    finally:
-        if started:
-            ray.shutdown()
+    group = WorkerGroup(workers=cfg.ray_workers, use_gpu=cfg.use_gpu, max_failures=cfg.max_failures,
+                        address=cfg.address, cpus_per_worker=cfg.num_cpus)
+    config = loop_config(cfg, FinetuneConfig, cfg.max_failures, device="cuda" if cfg.use_gpu else "cpu")
+    fit(_finetune, config, group, name="lma")
+    return config["output"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

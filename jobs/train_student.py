@@ -1,5 +1,5 @@
 """CTD training on a Ray cluster: Ray Train starts one worker per GPU (or CPU slot), makes the
-process group, and each worker runs exactly the loop of `python -m student.train`.
+process group, and each worker runs exactly the loop of `python -m student.train` (jobs.ray_train).
 
     python -m jobs.train_student --data s3://bucket/store --output /shared/runs/ctd \\
         --ray-workers 8 --use-gpu --preset vitb --batch-size 64 --max-steps 200000
@@ -12,13 +12,12 @@ resumes from the last checkpoint in OUTPUT, with the same exact-resume guarantee
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.cluster import connect
-from pipeline.config import config_from_dict, parse_config, to_dict
+from jobs.ray_train import WorkerGroup, fit, loop_config
+from pipeline.config import config_from_dict, parse_config
 from student.train import TrainConfig, train
 
 
@@ -32,41 +31,17 @@ class RayTrainConfig(TrainConfig):
     max_failures: int = field(default=0, metadata={"min": 0, "help": "worker-group restarts Ray may make (each resumes)"})
 
 
-def _loop_config(cfg: RayTrainConfig) -> dict[str, Any]:
-    own = {f.name for f in fields(TrainConfig)}
-    data = {k: v for k, v in to_dict(cfg).items() if k in own}
-    data["output"] = str(Path(cfg.output).resolve())
-    data["resume"] = cfg.resume or cfg.max_failures > 0    # a restarted group must continue, not restart
-    return data
-
-
-def _worker(config: dict[str, Any]) -> None:
+def _train(config: dict[str, Any]) -> None:
     import ray.train
 
-    context = ray.train.get_context()
-    os.environ["LOCAL_RANK"] = str(context.get_local_rank())   # picks this worker's GPU in setup_distributed
-    cfg = config_from_dict(TrainConfig, config)
-    train(cfg, on_log=lambda step, metrics: ray.train.report({"step": step, **metrics}))
+    train(config_from_dict(TrainConfig, config),
+          on_log=lambda step, metrics: ray.train.report({"step": step, **metrics}))
 
 
 def run(cfg: RayTrainConfig) -> Any:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    started = connect(cfg.address)
-    try:
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config=_loop_config(cfg),
-            scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.use_gpu),
-            run_config=RunConfig(name="ctd", storage_path=str(Path(cfg.output).resolve() / "ray"),
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        )
-        return trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
+    group = WorkerGroup(workers=cfg.ray_workers, use_gpu=cfg.use_gpu, max_failures=cfg.max_failures,
+                        address=cfg.address)
+    return fit(_train, loop_config(cfg, TrainConfig, cfg.max_failures), group, name="ctd")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from pipeline.remote import storage_options
 
 VIDEO_PLACEHOLDER = "<video>"
 TIME_MARKER = "<t={:.1f}s>"
+TIME_MARKER_SCHEMES = ("text", "text-every-n", "embedding")
 IGNORE_INDEX = -100
 MAX_RECORD_BYTES = 1 << 20  # a conversation longer than this is no training record, whatever it holds
 
@@ -43,14 +44,43 @@ class VideoRecord:
     messages: tuple[dict[str, str], ...]      # {"role", "content"}, exactly one VIDEO_PLACEHOLDER
 
 
+@dataclass(frozen=True)
+class TimeMarkers:
+    """How each clip's start time reaches the LLM. Markers are prompt text: at 512 frames of a
+    10-minute video one per clip is 1,128 prefill tokens with Qwen2.5's tokenizer, hence cheaper schemes:
+
+    - `text`: a TIME_MARKER before every clip (the original scheme, and what a config saved
+      before schemes existed means);
+    - `text-every-n`: a marker before clips 0, `every`, 2*`every`, ... only;
+    - `embedding`: no marker text; the model adds a learned embedding of the clip's start time to
+      its visual tokens (`lma.modeling.TimeEmbedding`)."""
+
+    scheme: str = "text"
+    every: int = 8           # clips per marker under text-every-n
+
+    def __post_init__(self) -> None:
+        if self.scheme not in TIME_MARKER_SCHEMES:
+            raise ValueError(f"time markers must be one of {', '.join(TIME_MARKER_SCHEMES)}, got {self.scheme!r}")
+        if self.every < 1:
+            raise ValueError(f"marker_every must be at least 1, got {self.every}")
+
+    def marked(self, clip: int) -> bool:
+        """Whether clip number `clip` (0-based) is preceded by a text marker."""
+        if self.scheme == "embedding":
+            return False
+        return clip % (self.every if self.scheme == "text-every-n" else 1) == 0
+
+
 @dataclass
 class Example:
     """One tokenised conversation. `visual_mask` marks the slots for visual tokens (their
-    `input_ids` hold the pad id and are never looked up)."""
+    `input_ids` hold the pad id and are never looked up); `visual_times` holds, per slot in
+    order, the start time of the clip it belongs to (what a time embedding is computed from)."""
 
     input_ids: torch.Tensor      # long [L]
     labels: torch.Tensor         # long [L], IGNORE_INDEX outside answers
     visual_mask: torch.Tensor    # bool [L]
+    visual_times: torch.Tensor   # float32 [visual_mask.sum()], seconds
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -226,21 +256,34 @@ def _segments(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) 
     return [p for p in pieces if p[0]]
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def marker_tokens(tokenizer, clip_times: Sequence[float], markers: TimeMarkers,
+                  time_marker: str = TIME_MARKER) -> int:
+    """Prompt tokens the time markers of these clips cost: exactly what `tokenize_conversation`
+    adds for them (each marker is tokenised on its own there, so the sum is exact)."""
+    return sum(len(_ids(tokenizer, time_marker.format(t))) for i, t in enumerate(clip_times) if markers.marked(i))
+
+
 def tokenize_conversation(tokenizer, messages: Sequence[dict], clip_times: Sequence[float],
                           tokens_per_clip: int, *, add_generation_prompt: bool = False,
                           placeholder: str = VIDEO_PLACEHOLDER, time_marker: str = TIME_MARKER,
-                          max_length: int | None = None) -> Example:
-    """Chat text → ids with one time marker + `tokens_per_clip` visual slots per clip in place of
-    the placeholder; labels only on the assistant answers (including their end-of-turn token)."""
+                          markers: TimeMarkers = TimeMarkers(), max_length: int | None = None) -> Example:
+    """Chat text → ids with `tokens_per_clip` visual slots per clip in place of the placeholder,
+    each clip preceded by a time marker where `markers` says so; labels only on the assistant
+    answers (including their end-of-turn token)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids: list[int] = []
     labels: list[int] = []
     visual: list[bool] = []
+    times: list[float] = []
 
     def add_text(text: str, is_answer: bool) -> None:
         if not text:
             return
-        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tok = _ids(tokenizer, text)
         ids.extend(tok)
         labels.extend(tok if is_answer else [IGNORE_INDEX] * len(tok))
         visual.extend([False] * len(tok))
@@ -249,21 +292,25 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], clip_times: Seque
         before, found, after = text.partition(placeholder) if not is_answer else (text, "", "")
         add_text(before, is_answer)
         if found:
-            for t in clip_times:
-                add_text(time_marker.format(t), False)
+            for i, t in enumerate(clip_times):
+                if markers.marked(i):
+                    add_text(time_marker.format(t), False)
                 ids.extend([pad] * tokens_per_clip)
                 labels.extend([IGNORE_INDEX] * tokens_per_clip)
                 visual.extend([True] * tokens_per_clip)
+                times.extend([float(t)] * tokens_per_clip)
         add_text(after, is_answer)
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"{len(ids)} tokens exceed max_length {max_length}; use fewer frames")
     return Example(input_ids=torch.tensor(ids, dtype=torch.long),
                    labels=torch.tensor(labels, dtype=torch.long),
-                   visual_mask=torch.tensor(visual, dtype=torch.bool))
+                   visual_mask=torch.tensor(visual, dtype=torch.bool),
+                   visual_times=torch.tensor(times, dtype=torch.float32))
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padded positions carry no label and no attention."""
+    """Right-pad a micro-batch; padded positions carry no label and no attention. `visual_times`
+    are the examples' slot times in order, as the visual slots are filled."""
     length = max(len(e.input_ids) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -275,7 +322,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[i, :n], labels[i, :n], visual_mask[i, :n] = e.input_ids, e.labels, e.visual_mask
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "visual_mask": visual_mask,
-            "attention_mask": attention_mask}
+            "attention_mask": attention_mask, "visual_times": torch.cat([e.visual_times for e in examples])}
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:

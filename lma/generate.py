@@ -1,4 +1,5 @@
-"""Ask a fine-tuned Video LLM about a video; prints the answer and where the time went.
+"""Ask a fine-tuned Video LLM about a video; prints the answer and where the time went. The prompt
+marks clip times the way the model was trained to read them (its config's time-marker scheme).
 
     python -m lma.generate --model runs/lma --video clip.mp4 --question "What happens?" [--frames 256]
 """
@@ -69,13 +70,13 @@ def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_toke
     input_ids, visual_mask = example.input_ids[None], example.visual_mask[None]
     attention_mask = torch.ones_like(input_ids)
     with stage_timer(timings, "prefill", device):
-        out = model(input_ids, attention_mask, visual_mask, visual, use_cache=True)
+        out = model(input_ids, attention_mask, visual_mask, visual, visual_times=example.visual_times, use_cache=True)
     with stage_timer(timings, "generation", device):
         ids = model.greedy(out.logits, out.past_key_values, attention_mask, max_new_tokens)
     text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
     report = {"time_ms": {k: round(timings[k], 2) for k in STAGES}, "frames": len(timestamps),
               "visual_tokens": int(visual_mask.sum()), "prompt_tokens": int(input_ids.shape[1]),
-              "new_tokens": len(ids)}
+              "new_tokens": len(ids), "time_markers": model.markers.scheme}
     return text, report
 
 
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     times = " ".join(f"{k}={v:.1f}" for k, v in report["time_ms"].items())
     print(f"time_ms: {times} | frames={report['frames']} visual_tokens={report['visual_tokens']} "
-          f"prompt_tokens={report['prompt_tokens']} new_tokens={report['new_tokens']}")
+          f"prompt_tokens={report['prompt_tokens']} new_tokens={report['new_tokens']} "
+          f"time_markers={report['time_markers']}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The Video LLM: student (frozen by default) → projector → causal LM with LoRA.
 
-A saved model is a folder: `config.json` (VideoLLMConfig), the tokenizer, `projector.safetensors`,
-`student/` (the student, so the folder is self-contained) and either `adapter/` (a PEFT LoRA
-adapter on the LLM named in the config) or `llm/` (the LLM with the adapter merged in).
+A saved model is a folder: `config.json` (VideoLLMConfig), the tokenizer, `projector.safetensors`
+(with the time embedding's weights under the `embedding` time-marker scheme), `student/` (the
+student, so the folder is self-contained) and either `adapter/` (a PEFT LoRA adapter on the LLM
+named in the config) or `llm/` (the LLM with the adapter merged in).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from lma.data import TIME_MARKER, VIDEO_PLACEHOLDER, Example, clip_start_times, tokenize_conversation
+from lma.data import (TIME_MARKER, VIDEO_PLACEHOLDER, Example, TimeMarkers, clip_start_times,
+                      tokenize_conversation)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -31,23 +34,49 @@ class VideoLLMConfig(PretrainedConfig):
     def __init__(self, llm: str = "", merged: bool = False, projector_kind: str = "mlp",
                  projector_in: int = 0, hidden_size: int = 0, clip_frames: int = 4,
                  tokens_per_clip: int = 0, image_size: int = 0, frames: int = 64,
-                 placeholder: str = VIDEO_PLACEHOLDER, time_marker: str = TIME_MARKER, **kwargs):
+                 placeholder: str = VIDEO_PLACEHOLDER, time_marker: str = TIME_MARKER,
+                 time_markers: str = "text", marker_every: int = 8, **kwargs):
         self.llm, self.merged = llm, merged
         self.projector_kind, self.projector_in, self.hidden_size = projector_kind, projector_in, hidden_size
         self.clip_frames, self.tokens_per_clip, self.image_size = clip_frames, tokens_per_clip, image_size
         self.frames, self.placeholder, self.time_marker = frames, placeholder, time_marker
+        # lma.data.TimeMarkers; the defaults are what a config saved before the schemes existed meant
+        self.time_markers, self.marker_every = time_markers, marker_every
         super().__init__(**kwargs)
 
 
 AutoConfig.register(VideoLLMConfig.model_type, VideoLLMConfig)
 
 
+class TimeEmbedding(nn.Module):
+    """Seconds → sinusoidal features (periods from 1 s to about 4.5 h, geometric) → Linear,
+    initialised to zero: a model trained with it starts exactly as one given no time at all,
+    and learns how much of it to use."""
+
+    def __init__(self, dim: int, features: int = 64, min_period: float = 1.0, max_period: float = 16384.0):
+        super().__init__()
+        self.features, self.min_period, self.max_period = features, min_period, max_period
+        self.proj = nn.Linear(features, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, seconds: torch.Tensor) -> torch.Tensor:
+        """[...] seconds → [..., dim]. The features are computed in fp32 whatever the weights' dtype
+        (a bf16 phase at an hour into a video would be off by whole periods)."""
+        half = self.features // 2
+        periods = torch.logspace(math.log10(self.min_period), math.log10(self.max_period), half,
+                                 device=seconds.device, dtype=torch.float32)
+        angles = seconds.to(torch.float32)[..., None] * (2 * math.pi / periods)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
+
+
 class VideoProjector(nn.Module):
     """LayerNorm → Linear → GELU → Linear (InternVL's projector shape). `residual` (student targets
     already in the LLM's input space, from the teacher's projector head) adds the input back and
-    zero-initialises the last layer, so at step 0 the LLM sees exactly the teacher-space tokens."""
+    zero-initialises the last layer, so at step 0 the LLM sees exactly the teacher-space tokens.
+    `time_embedding` gives it a `TimeEmbedding` (`time`): its weights are the projector's, saved,
+    loaded, cast and trained with it; `VideoLLM.embed` adds it where each token's clip time is known."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "auto"):
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "auto", time_embedding: bool = False):
         super().__init__()
         if kind == "auto":
             kind = "residual" if in_dim == out_dim else "mlp"
@@ -63,6 +92,7 @@ class VideoProjector(nn.Module):
         if kind == "residual":
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
+        self.time = TimeEmbedding(out_dim) if time_embedding else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc2(self.act(self.fc1(self.norm(x))))
@@ -93,6 +123,11 @@ class VideoLLM(nn.Module):
         super().__init__()
         self.config, self.student, self.projector, self.llm = config, student, projector, llm
         self.tokenizer = tokenizer
+        self.markers = TimeMarkers(config.time_markers, config.marker_every)
+        if (projector.time is not None) != (self.markers.scheme == "embedding"):
+            has = "with" if projector.time is not None else "without"
+            raise ValueError(f"time markers {self.markers.scheme!r} and a projector {has} a time embedding "
+                             "do not go together")
         self.train_student = train_student
         student.requires_grad_(train_student)
         if not train_student:
@@ -110,21 +145,25 @@ class VideoLLM(nn.Module):
     def build(cls, student_dir: str | Path, llm: str, *, lora_r: int = 4, lora_alpha: int = 8,
               lora_dropout: float = 0.05, lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
               projector: str = "auto", train_student: bool = False, frames: int = 64,
+              time_markers: str = "text", marker_every: int = 8,
               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VideoLLM":
-        """A fresh model for fine-tuning: pretrained student and LLM, new projector and LoRA."""
+        """A fresh model for fine-tuning: pretrained student and LLM, new projector and LoRA.
+        `time_markers`, `marker_every`: how clip times reach the LLM (`lma.data.TimeMarkers`)."""
+        markers = TimeMarkers(time_markers, marker_every)     # checked before anything loads
         dtype = dtype or default_dtype(device)
         student = _load_student(student_dir, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(llm)
         base = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype).to(device)
         scfg = student.config
         hidden = base.get_input_embeddings().embedding_dim
-        proj = VideoProjector(scfg.target_dim, hidden, projector).to(device)
+        proj = VideoProjector(scfg.target_dim, hidden, projector, markers.scheme == "embedding").to(device)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")
         llm_ref = str(Path(llm).resolve()) if Path(llm).is_dir() else llm   # loadable from any cwd
         config = VideoLLMConfig(llm=llm_ref, projector_kind=proj.kind, projector_in=scfg.target_dim,
                                 hidden_size=hidden, clip_frames=scfg.clip_frames,
-                                tokens_per_clip=scfg.target_tokens, image_size=scfg.image_size, frames=frames)
+                                tokens_per_clip=scfg.target_tokens, image_size=scfg.image_size, frames=frames,
+                                time_markers=markers.scheme, marker_every=markers.every)
         return cls(config, student, proj, get_peft_model(base, lora), tokenizer, train_student)
 
     @classmethod
@@ -139,7 +178,8 @@ class VideoLLM(nn.Module):
         llm = llm.to(device)
         if not config.merged:
             llm = PeftModel.from_pretrained(llm, path / "adapter", is_trainable=is_trainable)
-        proj = VideoProjector(config.projector_in, config.hidden_size, config.projector_kind)
+        proj = VideoProjector(config.projector_in, config.hidden_size, config.projector_kind,
+                              config.time_markers == "embedding")
         proj.load_state_dict(load_file(path / "projector.safetensors"))
         # fp32 master weights only while training; for inference it runs in the LLM's dtype
         # (an fp32 3584x3584 MLP over 8192 tokens costs ~9 ms on an H200, bf16 ~1 ms).
@@ -207,20 +247,29 @@ class VideoLLM(nn.Module):
         return tokenize_conversation(
             self.tokenizer, messages, clip_start_times(timestamps, self.config.clip_frames),
             self.config.tokens_per_clip, add_generation_prompt=add_generation_prompt,
-            placeholder=self.config.placeholder, time_marker=self.config.time_marker, max_length=max_length)
+            placeholder=self.config.placeholder, time_marker=self.config.time_marker, markers=self.markers,
+            max_length=max_length)
 
-    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the visual slots filled, in order, by `visual` [..., hidden]."""
+    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, visual: torch.Tensor,
+              visual_times: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings with the visual slots filled, in order, by `visual` [..., hidden], plus
+        the time embedding of each slot's clip (`visual_times`, from the prompt's Example) when
+        the model has one."""
         embeds = self.llm.get_input_embeddings()(input_ids.to(self.device))
         visual = visual.reshape(-1, embeds.shape[-1])
         slots = int(visual_mask.sum())
         if slots != visual.shape[0]:
             raise ValueError(f"{slots} visual slots in the prompt but {visual.shape[0]} visual tokens")
+        if self.projector.time is not None:
+            if visual_times is None or visual_times.numel() != slots:
+                raise ValueError(f"this model adds a time embedding: visual_times must give the time of "
+                                 f"each of the {slots} visual slots")
+            visual = visual.to(self.device) + self.projector.time(visual_times.to(self.device)).to(visual.dtype)
         mask = visual_mask.to(self.device).unsqueeze(-1)
         return embeds.masked_scatter(mask, visual.to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, visual_mask, visual, labels=None, **kwargs):
-        embeds = self.embed(input_ids, visual_mask, visual)
+    def forward(self, input_ids, attention_mask, visual_mask, visual, labels=None, visual_times=None, **kwargs):
+        embeds = self.embed(input_ids, visual_mask, visual, visual_times)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                         labels=None if labels is None else labels.to(self.device), **kwargs)
 

@@ -1,4 +1,5 @@
-"""A tiny random chat LLM saved like a real checkpoint, for tests and the CPU demo.
+"""A tiny random chat LLM saved like a real checkpoint, for tests and the CPU demo (and the tokenizer
+bench/lma_scaling.py saves beside a random 7B-shaped LLM).
 
 No weights or tokenizers can be downloaded in CI, so a byte-level BPE is trained here on a few
 sentences, given a ChatML template (Qwen's format), and saved with a 2-layer random Qwen2; both
@@ -18,12 +19,12 @@ CORPUS = ("what colour is the square in the video", "the square is red", "the sq
           "the video shows a moving square", "describe the video", "how many squares are there", "one square")
 
 
-def make_tiny_llm(directory: str | Path, corpus: Sequence[str] = CORPUS, *, hidden_size: int = 64,
-                  num_layers: int = 2, seed: int = 0) -> Path:
+def make_tokenizer(directory: str | Path, corpus: Sequence[str] = CORPUS):
+    """A byte-level BPE trained on `corpus` with a ChatML template, saved in `directory` (any text
+    still tokenises, byte by byte); returns it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import PreTrainedTokenizerFast
 
-    directory = Path(directory)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -33,6 +34,15 @@ def make_tiny_llm(directory: str | Path, corpus: Sequence[str] = CORPUS, *, hidd
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHAT_TEMPLATE)
     tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def make_tiny_llm(directory: str | Path, corpus: Sequence[str] = CORPUS, *, hidden_size: int = 64,
+                  num_layers: int = 2, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    directory = Path(directory)
+    tokenizer = make_tokenizer(directory, corpus)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -41,3 +51,12 @@ def make_tiny_llm(directory: str | Path, corpus: Sequence[str] = CORPUS, *, hidd
                          initializer_range=0.1)   # std 0.02 gives near-uniform logits a few steps cannot move
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
+
+
+def make_tiny_student(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random `tiny`-preset LiteFrame student to `directory` (save_pretrained) and return it."""
+    from student import LiteFrameModel, preset_config
+
+    torch.manual_seed(seed)
+    LiteFrameModel(preset_config("tiny")).save_pretrained(directory)
+    return Path(directory)

@@ -15,16 +15,15 @@ Bad values never reach a checkpoint:
   than --max-bad-clips on a rank raises TooManyBadClipsError naming the shard;
 - a step whose loss or gradient norm is not finite on any rank is not applied on any rank (it still
   advances the step count, the LR schedule and the loader; `train/skipped_steps`); more than
-  --max-bad-steps in a row raise NonFiniteTrainingError;
+  --max-bad-steps in a row raise NonFiniteTrainingError (pipeline.training.guards);
 - a checkpoint or final model with a NaN or inf in its weights or optimizer state is not written
-  (checkpoint.NonFiniteWeightsError).
+  (pipeline.training.checkpoint.NonFiniteWeightsError).
 The counts are part of the checkpoint, so a resumed run keeps counting where it stopped.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -38,12 +37,17 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, check_config, parse_config, to_dict
-from student import checkpoint
+from pipeline.training import checkpoint, rng
+from pipeline.training.distributed import (Dist, barrier, gather_ints, mean_over_ranks, setup_distributed,
+                                           sum_over_ranks)
+from pipeline.training.guards import NonFiniteGuard, all_finite
+from pipeline.training.metrics import MetricsLog, StepTimer, drop_after
+from pipeline.training.resume import check_unchanged
+from pipeline.training.schedule import warmup_cosine
 from student.data import (FORMATS, Selection, StoreInfo, TrainData, check_store_matches, eval_batches,
                           heldout_split, jitter_frames, read_store, synthetic_batches)
 from student.evaluate import evaluate
 from student.loss import LOSSES, distill_loss
-from student.metrics import MetricsLog, StepTimer, drop_after
 
 
 def _eval_fractions() -> tuple[float, ...]:
@@ -126,31 +130,6 @@ class TrainConfig:
 # ---------------------------------------------------------------- set-up
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Single process, torchrun (env://) or a process group someone else made (Ray Train)."""
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), device)
-    return Dist(0, 1, device)
-
-
 # Settings that decide which clip lands in which step, and the schedule each step's update follows:
 # exact resume needs them unchanged. (The store is compared by identity, not path, so a moved or
 # copied store still resumes.) The world size and --num-workers may change: the rest of the epoch is
@@ -163,16 +142,11 @@ def store_identity(info: StoreInfo) -> dict[str, Any]:
     return {"config_hash": info.schema.get("config_hash"), "shards": info.shards, "clips": int(info.counts.sum())}
 
 
-def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo) -> None:
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, info: StoreInfo, path: Path) -> None:
     """A resume that would silently see other samples than the stopped run is an error."""
-    saved, now = state["config"], to_dict(cfg)
-    changed = [f"{f}: {saved.get(f)!r} -> {now[f]!r}" for f in (*ORDER_FIELDS, *SCHEDULE_FIELDS)
-               if saved.get(f) != now[f]]
-    if state["store"] != store_identity(info):
-        changed.append(f"store: {saved['data']} -> {cfg.data} holds other clips")
-    if changed:
-        raise ValueError("cannot resume exactly, the samples or the schedule would change (" + "; ".join(changed) +
-                         "): restore these settings or train into a new --output")
+    store = [] if state["store"] == store_identity(info) else [
+        f"store: {state['config']['data']} -> {cfg.data} holds other clips"]
+    check_unchanged(state["config"], to_dict(cfg), (*ORDER_FIELDS, *SCHEDULE_FIELDS), str(path), also=store)
 
 
 def loader_phases(loader: dict[str, Any], world_size: int, streams_per_rank: int) -> tuple[list[list[int]], int]:
@@ -184,14 +158,6 @@ def loader_phases(loader: dict[str, Any], world_size: int, streams_per_rank: int
     if stopped != [world_size, streams_per_rank] and batch > 0:
         phases, batch = [*phases, [*stopped, batch]], 0
     return phases, batch
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to the peak, then cosine down to `min_ratio` of it at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_student(cfg: TrainConfig, info: StoreInfo) -> torch.nn.Module:
@@ -229,8 +195,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                            betas=(0.9, 0.999), fused=env.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
 
     def wrap(self) -> None:
         """DDP and torch.compile go on after weights are loaded."""
@@ -249,7 +214,7 @@ class Trainer:
 
     def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One step: (loss, gradient norm, applied). A step whose loss or gradient norm is not finite on
-        any rank is not applied (every rank agrees: see `_finite`); it still counts as a step of the
+        any rank is not applied (every rank agrees: `all_finite`); it still counts as a step of the
         schedule, so the LR and the loader stay a function of the step number."""
         target = batch["target"].to(self.env.device, non_blocking=True)
         z = (target.float() - self.mean) / self.std          # standardised with the store's statistics
@@ -260,81 +225,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        applied = self._finite(loss, grad_norm)
+        applied = all_finite(self.env, loss, grad_norm)
         if applied:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss.detach(), grad_norm.detach(), applied
-
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether the step is safe to apply, the same answer on every rank. Under DDP the gradients,
-        hence the norm, are already averaged over ranks (a NaN anywhere is a NaN everywhere), but the
-        loss is each rank's own (a clamped or masked NaN can leave finite gradients): so one MIN
-        all-reduce of the flag. One host sync per step."""
-        flag = (torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.detach().float())).float().reshape(1)
-        if self.env.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-
-# ---------------------------------------------------------------- distributed helpers
-
-
-def _mean_over_ranks(x: torch.Tensor, env: Dist) -> float:
-    if env.world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= env.world_size
-    return x.item()
-
-
-def _sum_over_ranks(value: int, env: Dist) -> int:
-    x = torch.tensor([value], dtype=torch.int64, device=env.device)
-    if env.world_size > 1:
-        dist.all_reduce(x)
-    return int(x.item())
-
-
-def _gather_ints(value: int, env: Dist) -> list[int]:
-    """One integer of every rank, by rank, on every rank."""
-    t = torch.tensor([value], dtype=torch.int64, device=env.device)
-    if env.world_size == 1:
-        return [value]
-    out = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """More steps in a row than --max-bad-steps had a non-finite loss or gradient: the run diverged (or
-    its data is bad in a way the loader cannot see); the last checkpoint holds finite weights."""
-
-
-def _rng_states(env: Dist) -> dict[str, torch.Tensor]:
-    """Every rank's RNG state, stacked by rank (rank 0 writes the checkpoint)."""
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        if env.world_size == 1:
-            return t[None]
-        t = t.to(env.device)
-        out = [torch.empty_like(t) for _ in range(env.world_size)]
-        dist.all_gather(out, t)
-        return torch.stack(out).cpu()
-
-    states = {"torch": gather(torch.get_rng_state())}
-    if env.device.type == "cuda":
-        states["cuda"] = gather(torch.cuda.get_rng_state(env.device))
-    return states
-
-
-def _set_rng_states(states: dict[str, torch.Tensor], env: Dist) -> None:
-    """Rank r takes the state of old rank r mod (old world size): deterministic on any world size."""
-    old = states["torch"].shape[0]
-    # .clone(): torch 2.13 segfaults on a state tensor that is a view with a storage offset
-    torch.set_rng_state(states["torch"][env.rank % old].clone())
-    if "cuda" in states and env.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][env.rank % old].clone(), env.device)
 
 
 class Preemption:
@@ -362,11 +259,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _barrier(env: Dist) -> None:
-    if env.world_size > 1:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -389,20 +281,20 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                      augment=cfg.augment, rows=rows, max_bad_clips=cfg.max_bad_clips)
 
     step, epoch, batch_in_epoch, phases = 0, 0, 0, []     # phases: of this epoch, run on other ranks x streams
-    skipped_steps, bad_in_row = 0, 0     # steps not applied (non-finite), in all and in a row now
+    guard = NonFiniteGuard(cfg.max_bad_steps + 1, f"more than --max-bad-steps {cfg.max_bad_steps}")
     last = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if last is not None:
-        state, rng = checkpoint.load(last, trainer.module, trainer.optimizer)
-        check_resumable(state, cfg, info)
+        state, rng_states = checkpoint.load(last, trainer.module, trainer.optimizer)
+        check_resumable(state, cfg, info, last)
         trainer.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(rng, env)
+        rng.restore(rng_states, env)
         step, epoch = state["step"], state["loader"]["epoch"]
         phases, batch_in_epoch = loader_phases(state["loader"], env.world_size, data.streams_per_rank)
         health = state.get("health", {})
         # each rank's budget: the counts of the old ranks it stands for (all of them, however many)
         old = health.get("bad_clips", [])
         data.bad_clips.count = sum(int(c) for r, c in enumerate(old) if r % env.world_size == env.rank)
-        skipped_steps, bad_in_row = int(health.get("skipped_steps", 0)), int(health.get("bad_steps_in_row", 0))
+        guard.total, guard.in_row = int(health.get("skipped_steps", 0)), int(health.get("bad_steps_in_row", 0))
         if env.main:
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
     elif cfg.resume and env.main:
@@ -438,7 +330,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         result = evaluate(trainer.module, batches, to_pixels=trainer.pixels, target_mean=trainer.mean,
                           target_std=trainer.std, device=env.device, autocast=trainer.autocast,
                           all_reduce=dist.all_reduce if env.world_size > 1 else None)
-        result["skipped_clips"] = _sum_over_ranks(batches.budget.count, env)
+        result["skipped_clips"] = int(sum_over_ranks([batches.budget.count], env)[0])
         log.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
@@ -467,11 +359,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                 for rec in skipped:
                     bad_clips_file.write(json.dumps({"step": step, "epoch": epoch, **rec}) + "\n")
                 bad_clips_file.flush()
-            bad_in_row = 0 if applied else bad_in_row + 1
-            skipped_steps += not applied
+            guard.record(applied)
             if not applied and env.main:
                 print(f"step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g} (rank 0's): "
-                      f"not finite on some rank, update skipped ({bad_in_row} in a row, at most "
+                      f"not finite on some rank, update skipped ({guard.in_row} in a row, at most "
                       f"{cfg.max_bad_steps})", file=sys.stderr, flush=True)
             if trace is not None:
                 record = {"step": step, "epoch": epoch,
@@ -481,24 +372,20 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                 if not applied:
                     record["applied"] = False
                 trace.write(json.dumps(record) + "\n")
-            fatal = bad_in_row > cfg.max_bad_steps      # the same on every rank: `applied` is agreed
+            fatal = guard.diverged      # the same on every rank: `applied` is agreed
             if step % cfg.log_every == 0 or step == stop_at or fatal:
                 speed = timer.summary()
-                last_metrics = {"epoch": epoch, "loss": _mean_over_ranks(loss, env),
+                last_metrics = {"epoch": epoch, "loss": mean_over_ranks(loss, env),
                                 "grad_norm": grad_norm.item(), "lr": trainer.scheduler.get_last_lr()[0],
                                 "clips_per_s": speed["clips_per_s"] * env.world_size,
                                 "data_wait_frac": speed["data_wait_frac"],
-                                "data/skipped_clips": _sum_over_ranks(data.bad_clips.count, env),
-                                "train/skipped_steps": skipped_steps}
+                                "data/skipped_clips": int(sum_over_ranks([data.bad_clips.count], env)[0]),
+                                "train/skipped_steps": guard.total}
                 log.log(step, last_metrics)
                 if on_log is not None:
                     on_log(step, last_metrics)
                 timer.reset()
-            if fatal:
-                raise NonFiniteTrainingError(
-                    f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient norm, more "
-                    f"than --max-bad-steps {cfg.max_bad_steps}: the run diverged (lower --lr, raise "
-                    f"--warmup-steps, or check the data); the last checkpoint in {ckpt_dir} holds finite weights")
+            guard.check(step, str(ckpt_dir))
             if batch_in_epoch == plan.batches_per_rank:
                 epoch, batch_in_epoch, phases = epoch + 1, 0, []
                 plan = data.plan(epoch)
@@ -509,9 +396,9 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at < cfg.max_steps:
                 # every rank checks (the weights are the same on all), so all stop together
                 checkpoint.check_finite(trainer.module, trainer.optimizer, f"checkpoint of step {step}")
-                rng = _rng_states(env)
-                health = {"bad_clips": _gather_ints(data.bad_clips.count, env), "skipped_steps": skipped_steps,
-                          "bad_steps_in_row": bad_in_row}
+                rng_states = rng.capture(env)
+                health = {"bad_clips": gather_ints(data.bad_clips.count, env), "skipped_steps": guard.total,
+                          "bad_steps_in_row": guard.in_row}
                 if env.main:
                     checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
                         "step": step, "loader": {
@@ -522,8 +409,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                             * cfg.batch_size},
                         "scheduler": trainer.scheduler.state_dict(), "config": to_dict(cfg),
                         "world_size": env.world_size, "store": store_identity(info), "health": health},
-                        rng, cfg.keep_checkpoints)
-                _barrier(env)
+                        rng_states, cfg.keep_checkpoints)
+                barrier(env)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 run_eval()
             timer.exclude()  # checkpointing and evaluation are neither step time nor data wait
@@ -541,7 +428,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         eval_result = run_eval()
         if env.main:
             (out / "eval.json").write_text(json.dumps(eval_result, indent=1))
-    _barrier(env)
+    barrier(env)
     log.close()
     return {"step": step, **last_metrics, "eval": eval_result, "preempted": preemption.flag and step < cfg.max_steps}
 

@@ -123,7 +123,7 @@ def test_a_dash_splits_number_pairs_but_not_names():
     ("lma.finetune", ["--student", "s", "--llm", "l", "--data", "d", "--projector", "linear"]),
     ("lma.generate", ["--model", "m", "--video", "v.mp4", "--question", "q", "--max-new-tokens", "0"]),
     ("jobs.train_student", ["--data", "d", "--ray-workers", "0"]),
-    ("jobs.lma_finetune", ["--student", "s", "--llm", "l", "--data", "d", "--max-retries", "-1"]),
+    ("jobs.lma_finetune", ["--student", "s", "--llm", "l", "--data", "d", "--max-failures", "-1"]),
 ])
 def test_every_job_checks_its_config_before_touching_its_output(module, argv, tmp_path):
     """The same one-line error and exit status 2 from every entry point, with no output written."""

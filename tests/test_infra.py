@@ -237,6 +237,7 @@ def pod_rules(template: dict, where: str) -> list[str]:
 
 JOB_CONFIGS = {"jobs.extract": "ExtractConfig", "jobs.train_student": "RayTrainConfig",
                "jobs.lma_finetune": "RayFinetuneConfig"}
+RAY_TRAIN_JOBS = {"jobs.train_student": "CTD", "jobs.lma_finetune": "LMA"}     # jobs.ray_train's worker groups
 PATH_FIELDS = ("input", "output", "teacher", "data", "eval_data", "init_from", "init_from_teacher", "student",
                "llm")
 
@@ -313,25 +314,19 @@ def liteframe_rules(doc: dict) -> list[str]:
     retried = spec.get("backoffLimit", 0) > 0
     workers = [(g, t) for g, t in pod_templates(cluster)[1:]]
     groups = {g["groupName"]: g for g in cluster.get("workerGroupSpecs", [])}
-    if module == "jobs.train_student":
+    if module in RAY_TRAIN_JOBS:
+        what = RAY_TRAIN_JOBS[module]
         if not cfg.output.startswith("/"):
-            problems.append("jobs.train_student --output must be an absolute path on the shared volume "
-                            "(student.train writes a local directory)")
+            problems.append(f"{module} --output must be an absolute path on the shared volume "
+                            "(rank 0 writes a local directory, every rank and every retry reads it)")
         if retried and not (cfg.resume or cfg.max_failures > 0):
-            problems.append("a retried CTD job must resume: --max-failures > 0 or --resume")
+            problems.append(f"a retried {what} job must resume: --max-failures > 0 or --resume")
         gpu_groups = [(groups[g], gpus(t)) for g, t in workers if gpus(t)]
         fixed = all(g.get("minReplicas") == g.get("maxReplicas") == g.get("replicas") for g, _ in gpu_groups)
         total = sum(g.get("replicas", g.get("minReplicas", 0)) * n for g, n in gpu_groups)
         if cfg.use_gpu and (not fixed or total != cfg.ray_workers):
             problems.append(f"--ray-workers {cfg.ray_workers} --use-gpu needs exactly that many GPUs in fixed-size "
                             f"groups (Ray Train's group has a fixed size); the cluster has {total}")
-    elif module == "jobs.lma_finetune":
-        if not cfg.output.startswith("/"):
-            problems.append("jobs.lma_finetune --output must be an absolute path on the shared volume")
-        if retried and not (cfg.resume or cfg.max_retries > 0):
-            problems.append("a retried LMA job must resume: --max-retries > 0 or --resume")
-        if cfg.use_gpu and not any(gpus(t) for _, t in workers):
-            problems.append("jobs.lma_finetune --use-gpu but no worker group has a GPU")
     elif module == "jobs.extract":
         most = sum(groups[g].get("maxReplicas", groups[g].get("replicas", 0)) * gpus(t) for g, t in workers)
         if cfg.teacher_actors and cfg.teacher_actors > most:
@@ -450,10 +445,19 @@ MISTAKES = {
         "rayjob-train-student.yaml#0",
         lambda d: d["spec"].__setitem__("entrypoint", d["spec"]["entrypoint"].replace("--max-failures 3", "")),
         "a retried CTD job must resume"),
+    "an LMA retry that would start over": (
+        "rayjob-lma-finetune.yaml#0",
+        lambda d: d["spec"].__setitem__("entrypoint", d["spec"]["entrypoint"].replace("--max-failures 2", "")),
+        "a retried LMA job must resume"),
     "ranks that do not match the GPUs": (
         "rayjob-train-student.yaml#0",
         lambda d: d["spec"].__setitem__("entrypoint", d["spec"]["entrypoint"].replace("--ray-workers 16", "--ray-workers 8")),
         "--ray-workers 8 --use-gpu needs exactly that many GPUs"),
+    "LMA ranks that do not match the GPUs": (
+        "rayjob-lma-finetune.yaml#0",
+        lambda d: d["spec"].__setitem__("entrypoint",
+                                        d["spec"]["entrypoint"].replace("--ray-workers 8", "--ray-workers 4")),
+        "--ray-workers 4 --use-gpu needs exactly that many GPUs"),
     "authentication off": (
         "raycluster.yaml#0", lambda d: d["spec"].pop("authOptions"), "token authentication must be on"),
     "another image": (
@@ -813,3 +817,10 @@ def test_readme_codecs_are_the_ones_checked():
     assert {"h264", "hevc", "vp8", "vp9", "mjpeg"} <= set(module.DECODERS)
     assert {"mov", "matroska", "avi", "mpegts"} <= set(module.DEMUXERS)
     assert "zscale" in module.FILTERS
+
+
+def test_image_installs_the_gpu_decode_extra_at_its_pin(dockerfile):
+    """NVDEC decode on GPU nodes: the image's PyNvVideoCodec is pyproject's gpu-decode extra, same version."""
+    install = next(i for i in dockerfile if i.op == "RUN" and "-r requirements.txt" in i.args)
+    extra = PYPROJECT["project"]["optional-dependencies"]["gpu-decode"]
+    assert extra and all(req in shlex.split(install.args) for req in extra)

@@ -47,12 +47,9 @@ def llm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory) -> Path:
-    from student import LiteFrameModel, preset_config
+    from lma.testing import make_tiny_student
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("student")
-    LiteFrameModel(preset_config("tiny")).save_pretrained(out)
-    return out
+    return make_tiny_student(tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="session")
@@ -257,7 +254,7 @@ def test_resume_continues_exactly(tmp_path, trained, student_dir, llm_dir, data_
         path = run / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     finetune(_config(student_dir, llm_dir, data_file, run, "--resume"))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "videos_per_s", "data_wait_frac")}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "step_s", "videos_per_s", "data_wait_frac")}
                           for r in rows]
     read = lambda d: [json.loads(t) for t in (d / "metrics.jsonl").read_text().splitlines()]
     assert strip(read(run)) == strip(read(trained))
@@ -287,18 +284,23 @@ def test_generate_cli_end_to_end(trained, data_file):
 
 
 @pytest.mark.slow
-def test_ray_job_entry_point_runs_finetune_as_a_task(tmp_path, ray_driver, student_dir, llm_dir, data_file, capsys):
-    """On the session's Ray cluster, as a task; grad-accum and gradient checkpointing on the way."""
+def test_ray_job_runs_finetune_data_parallel_on_ray_train(tmp_path, ray_driver, student_dir, llm_dir, data_file,
+                                                           capsys):
+    """On the session's Ray cluster: 2 Ray Train workers (gloo), grad-accum and gradient checkpointing."""
     from jobs.lma_finetune import main
 
     out = tmp_path / "ray_out"
     main(["--student", str(student_dir), "--llm", str(llm_dir), "--data", str(data_file), "--output", str(out),
           "--frames", str(FRAMES), "--max-steps", "2", "--grad-accum", "2", "--gradient-checkpointing",
-          "--address", ray_driver.address, "--num-cpus", "1", "--max-retries", "1"])
+          "--address", ray_driver.address, "--ray-workers", "2", "--num-cpus", "1", "--max-failures", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"output": str(out.resolve())}
-    assert [json.loads(t)["step"] for t in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    rows = [json.loads(t) for t in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["visual_tokens"] == 2 * 2 * (FRAMES // 4) * 4 for r in rows)   # 2 ranks x 2 micro-batches
+    state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["config"]["resume"]     # --max-failures turns --resume on
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert {2, 3} <= {json.loads(t)["line"] for t in (out / "skipped.jsonl").read_text().splitlines()}
+    assert {2, 3, 5, 7} <= {json.loads(t)["line"] for t in (out / "skipped.jsonl").read_text().splitlines()}
 
 
 @pytest.mark.shared_videos

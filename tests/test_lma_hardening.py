@@ -13,23 +13,20 @@ import pytest
 import torch
 
 from lma.data import read_records
-from lma.finetune import FinetuneConfig, NonFiniteError, finetune
+from lma.finetune import FinetuneConfig, finetune
 from lma.modeling import VideoLLM
 from pipeline.config import parse_config
-from student import checkpoint
+from pipeline.training import checkpoint
+from pipeline.training.guards import NonFiniteTrainingError
 
 FRAMES = 4
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    from lma.testing import make_tiny_llm
-    from student import LiteFrameModel, preset_config
+    from lma.testing import make_tiny_llm, make_tiny_student
 
-    torch.manual_seed(0)
-    student = tmp_path_factory.mktemp("student")
-    LiteFrameModel(preset_config("tiny")).save_pretrained(student)
-    return student, make_tiny_llm(tmp_path_factory.mktemp("llm"))
+    return make_tiny_student(tmp_path_factory.mktemp("student")), make_tiny_llm(tmp_path_factory.mktemp("llm"))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, models, 
 
     monkeypatch.setattr(VideoLLM, "forward", nan_on_some_steps)
     out = tmp_path / "out"
-    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+    with pytest.raises(NonFiniteTrainingError, match="step 5: 2 steps in a row"):
         finetune(_config(models, data, out, "--max-steps", "8", "--save-every", "1", "--max-nonfinite-steps", "2"))
     rows = _rows(out, "metrics.jsonl")
     assert [r["applied"] for r in rows] == [True, False, True, False, False]
@@ -177,8 +174,10 @@ def test_nonfinite_weights_are_never_written(tmp_path, models, data):
         student.patch_embed.weight.view(-1)[0] = math.nan
     student.save_pretrained(tmp_path / "nan_student")
     out = tmp_path / "out"
-    with pytest.raises(NonFiniteError, match="not finite.*checkpoint of step 1 not written"):
+    with pytest.raises(checkpoint.NonFiniteWeightsError,
+                       match="not writing the checkpoint of step 1: NaN or inf in model student.patch_embed.weight"):
         finetune(_config((tmp_path / "nan_student", models[1]), data, out, "--train-student", "--max-steps", "3",
                          "--save-every", "1", "--max-nonfinite-steps", "5"))
     assert [r["applied"] for r in _rows(out, "metrics.jsonl")] == [False]
     assert checkpoint.checkpoints(out / "checkpoints") == [] and not (out / "adapter").exists()
+

@@ -30,9 +30,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, config_from_dict, parse_config
-from student import checkpoint
+from pipeline.training import checkpoint
+from pipeline.training.guards import NonFiniteTrainingError
 from student import data as sd
-from student.train import NonFiniteTrainingError, TrainConfig, main, train
+from student.train import TrainConfig, main, train
 from tests.test_student_data import write_tiny_store
 
 # ---------------------------------------------------------------- damaging a store
@@ -451,7 +452,8 @@ def _ddp_worker(rank: int, port: int, schema: dict, out: str) -> None:
     import torch.distributed as dist
 
     from student.data import StoreInfo, synthetic_batches
-    from student.train import Dist, Trainer
+    from pipeline.training.distributed import Dist
+    from student.train import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -20,7 +20,7 @@ from transformers import AutoModel
 
 import student
 from pipeline.config import parse_config
-from student import checkpoint
+from pipeline.training import checkpoint
 from student.data import SchemaMismatchError
 from student.evaluate import evaluate
 from student.loss import distill_loss

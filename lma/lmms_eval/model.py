@@ -7,7 +7,9 @@ Model args (`--model_args k=v,k=v`):
     pretrained      the folder `lma.finetune` saved (`VideoLLM.from_pretrained`); required
     frames          frames sampled uniformly over each video (0 = the model's training value);
                     capped by the frames a video has; every `clip_frames` (4) of them become one
-                    clip = one time marker + `tokens_per_clip` visual tokens
+                    clip = `tokens_per_clip` visual tokens, its time marked as the model was
+                    trained (the saved config's time-marker scheme: a text marker before every
+                    clip, before every N-th, or a time embedding on its tokens)
     dtype           auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
     max_new_tokens  default when a task's generation_kwargs give none (256)
     decode_timeout  seconds per video decode (120)
@@ -25,7 +27,7 @@ time); `--device` defaults to cuda:$LOCAL_RANK when there is a GPU (one model pe
 Requests: `generate_until` (greedy unless the task asks for sampling with temperature > 0; `until`
 strings cut the answer) and `loglikelihood` (multiple-choice tasks). The prompt is the one
 `lma.generate` builds: the LLM's chat template, one user turn `<video>\\n{task text}`, the video's
-clips as time markers + visual tokens in place of `<video>`.
+clips (time markers as the model's scheme places them + visual tokens) in place of `<video>`.
 
 loglikelihood, as lmms-eval 0.7.3 uses it: a continuation is scored as the start of the assistant's
 reply after that prompt (its leading whitespace dropped: the chat template already separates the
@@ -168,7 +170,7 @@ class LiteFrameVideoLLM(lmms):
         self.failed: list[str] = []
         eval_logger.info(f"liteframe: {pretrained} on {self._device} ({self._dtype}), {self.frames} frames per video, "
                          f"batch {self.batch_size_per_gpu}, {config.tokens_per_clip} tokens per "
-                         f"{config.clip_frames}-frame clip")
+                         f"{config.clip_frames}-frame clip, time markers {self.model.markers}")
 
     # ---- what lmms-eval reads ---------------------------------------------------------------------
     @property
@@ -327,12 +329,12 @@ class LiteFrameVideoLLM(lmms):
         cont = torch.tensor(self.tok_encode(continuation.lstrip()), dtype=torch.long)
         mask = torch.cat([example.visual_mask, torch.zeros(len(cont), dtype=torch.bool)])
         ids, labels = torch.cat([example.input_ids, cont]), torch.cat([example.labels, cont])
-        return Example(input_ids=ids, labels=labels, visual_mask=mask), len(cont)
+        return Example(input_ids=ids, labels=labels, visual_mask=mask, visual_times=example.visual_times), len(cont)
 
     def _embeds(self, example: Example, visual: Visual | None) -> torch.Tensor:
         hidden = self.model.llm.get_input_embeddings().embedding_dim
         vis = visual.embeds if visual is not None else torch.zeros(0, hidden, device=self._device, dtype=self._dtype)
-        return self.model.embed(example.input_ids[None], example.visual_mask[None], vis)[0]
+        return self.model.embed(example.input_ids[None], example.visual_mask[None], vis, example.visual_times)[0]
 
     def _left_pad(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[L_i, H] rows → left-padded embeds [B, L, H], attention mask and position ids (positions

@@ -1,12 +1,11 @@
 """Training checkpoints: DIR/checkpoints/step-XXXXXXXX/ holding
 
-    model.safetensors    the student's weights
+    model.safetensors    the trained weights (the whole student for CTD; LoRA, projector and an
+                         unfrozen student for LMA)
     optimizer.pt         AdamW state dict (tensors and numbers only: loaded with weights_only=True)
-    rng.pt               every rank's torch (and CUDA) RNG state, stacked by rank
-    state.json           step, LR-scheduler state, the run's config, and the loader position: epoch,
-                         batch of the current phase, the world size and streams per rank it runs on,
-                         the earlier phases of the epoch (see student.data) and `samples`, the clips of
-                         the epoch all ranks read together
+    rng.pt               every rank's torch (and CUDA) RNG state, stacked by rank (pipeline.training.rng)
+    state.json           step, LR-scheduler state, the run's config, and the trainer's own loader
+                         position and health counters (student.train, lma.finetune say what)
 
 A checkpoint is written into a temporary sibling, fsynced, then renamed into place, so a crash
 leaves either the old set or the new one, never a torn directory; the last `keep` are kept (0: all).
@@ -45,7 +44,9 @@ def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         bad = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not bad:
             return []
-        flags = torch.stack([torch.isfinite(t).all() for _, t in bad]).cpu().tolist()   # one sync
+        # One sync: the flags gathered on one device (AdamW keeps its `step` on the CPU, the rest on the GPU).
+        device = bad[0][1].device
+        flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in bad]).cpu().tolist()
     return [name for (name, _), ok in zip(bad, flags) if not ok]
 
 
@@ -102,6 +103,11 @@ def checkpoints(root: str | Path) -> list[Path]:
 def latest(root: str | Path) -> Path | None:
     found = checkpoints(root)
     return found[-1] if found else None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json alone: to check that it belongs to this run before loading weights."""
+    return json.loads((Path(path) / "state.json").read_text())
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
