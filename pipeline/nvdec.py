@@ -36,10 +36,10 @@ from .yuv import split_planes, to_rgb
 
 # What NVDEC decodes on Ampere/Hopper (NVIDIA's decoder support matrix), as ffmpeg names codecs
 # and pixel formats: 4:2:0 only (NV12 / P016 surfaces), 8 to 12 bits, with each codec's largest frame.
+# A GPU that refuses one anyway (the H200 refused AV1) is remembered per process (_UNSUPPORTED).
 NVDEC_CODECS = {"h264": (4096, 4096), "hevc": (8192, 8192), "vp9": (8192, 8192), "av1": (8192, 8192)}
 NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "yuv420p10le", "yuv420p12le")
 MIN_SIZE = (48, 16)     # NVDEC's smallest frame (width, height)
-DECODERS = ("ffmpeg", "nvdec")   # the `decoder` column of a store's index
 
 
 class NvdecUnavailableError(RuntimeError):
@@ -90,10 +90,6 @@ class NvdecFrames:
 def _surface(frame, height: int, width: int) -> torch.Tensor:
     """A decoded frame's semi-planar surface as a [3H/2, W] tensor (uint8 NV12 or uint16 P016) on its GPU."""
     t = torch.from_dlpack(frame)
-    if t.dim() == 3 and t.shape[-1] == 1:
-        t = t[..., 0]
-    if t.dtype == torch.uint8 and t.dim() == 2 and t.shape[-1] == 2 * width:     # P016 exported as bytes
-        t = t.contiguous().view(torch.uint16)
     if t.dim() != 2 or tuple(t.shape) != (height * 3 // 2, width):
         raise NvdecFallback(f"NVDEC surface {tuple(t.shape)} {t.dtype} is not a {width}x{height} 4:2:0 frame")
     return t

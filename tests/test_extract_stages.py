@@ -238,3 +238,21 @@ def test_the_job_passes_its_input_limits_to_decode_and_the_store(tmp_path):
     rows = store.read_errors().to_pylist()
     assert sorted((r["video_uri"], r["error_type"]) for r in rows) == [
         ("ftp://host/a.mp4", "InputNotAllowedError"), ("memory://a.mp4", "InputNotAllowedError")]
+
+
+def test_input_blocks_cover_the_inputs_and_own_their_buffers(monkeypatch):
+    """Every pending video in exactly one block, in order; a block pickles to its own rows only (a
+    slice would carry the whole input column to every decode task)."""
+    import pickle
+
+    import pyarrow as pa
+
+    from jobs import extract
+
+    monkeypatch.setattr(extract, "MAX_INPUT_BLOCKS", 1000)
+    pending = pa.table({"video_uri": [f"s3://bucket/{'x' * 200}/{i:06d}.mp4" for i in range(10_000)],
+                        "skip": [[] for _ in range(10_000)]})
+    blocks = extract.input_blocks(pending)
+    assert len(blocks) == 1000 and all(b.num_rows == 10 for b in blocks)
+    assert pa.concat_tables(blocks).equals(pending)
+    assert len(pickle.dumps(blocks[0])) < 16_000 < len(pickle.dumps(pending.slice(0, 10)))

@@ -161,7 +161,7 @@ def test_decode_plan_follows_the_flag_and_the_cluster():
 
     assert not plan([], {"CPU": 16}).on_gpu                                    # auto without GPUs: CPU tasks
     auto = plan([], {"CPU": 32, "GPU": 2})                                     # 16 CPUs a GPU, 1 for the teacher
-    assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 4, 14, False)
+    assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 8, 14, False)
     assert plan(["--decode-cpu-slots", "3"], {"CPU": 32, "GPU": 2}).cpu_slots == 3
     gpu = plan(["--decode-device", "gpu", "--nvdec-sessions", "6"], {"CPU": 32, "GPU": 2})
     assert (gpu.sessions, gpu.cpu_slots, gpu.require_nvdec) == (6, 0, True)
@@ -186,3 +186,24 @@ def test_gpu_decode_stage_without_nvdec(tmp_path):
     stage = GpuDecodeStage(options=options, store=store, sessions=2, cpu_slots=1, require_nvdec=False)
     batches = list(stage({"video_uri": [str(tmp_path / "v.mp4")], "skip": [[]]}))
     assert batches and all(set(b["decoder"]) == {"ffmpeg"} for b in batches)
+
+
+@pytest.mark.shared_videos
+@pytest.mark.parametrize("name", ["bottle-detection.mp4", "again.mkv", "hevc.ts", "bear-vp9.webm"])
+def test_the_packets_located_for_nvdec_decode_the_wanted_frames(shared_videos, name):
+    """`locate_frames(...).needed` is all NVDEC is fed: ffmpeg given only those packets (by pts, B-frame
+    and Matroska streams included) still outputs every wanted frame."""
+    from pipeline.video import _in_ranges
+
+    path = shared_videos / name
+    info = probe(path)
+    request = locate_frames(path, np.linspace(0.2, max(info.duration - 0.1, 0.2), 5), info=info)
+    needed = request.needed
+    assert needed is not None and set(request.pts) <= set(needed.tolist())
+    keep = _in_ranges("pts", [(int(p), int(p)) for p in needed])
+    out = subprocess.run([ffmpeg_exe(), "-v", "error", "-copyts", "-bsf:v", f"noise=drop='not({keep})'", "-i", str(path),
+                          "-map", f"0:{info.stream}", "-fps_mode", "passthrough", "-enc_time_base", "demux",
+                          "-c:v", "wrapped_avframe", "-f", "framecrc", "-"], capture_output=True, text=True,
+                         timeout=120).stdout
+    decoded = {int(line.split(",")[2]) for line in out.splitlines() if line[:1].isdigit()}
+    assert set(request.pts.tolist()) <= decoded, sorted(set(request.pts.tolist()) - decoded)
