@@ -375,11 +375,13 @@ def _status_kb(key: str, pid: str = "self") -> int:
 
 def first_batch_rows(sd: Any, info: Any, plan: Any, rank: int) -> list[tuple[int, int]]:
     """(shard, row) of each clip of the rank's first batch, opening its shards as a loader worker does."""
+    from student.data.shards import Shards
+
     stream, first = sd.rank_batches(plan, rank, 0)
     order = plan.order(stream)
     order.skip(first)
     shards, ks = plan.locate(stream, order.take(plan.batch_size))
-    opened = sd._Shards(info, plan.rows)
+    opened = Shards(info, plan.rows)
     return [(int(s), int(opened.open(int(s)).rows[int(k)])) for s, k in zip(shards, ks)]
 
 

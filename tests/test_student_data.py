@@ -16,6 +16,7 @@ import torch
 
 from pipeline import store as st
 from student import data as sd
+from student.data import loader as sd_loader
 
 T, SIZE, GRID, D = 4, 56, (1, 2, 2), 16
 N = int(np.prod(GRID))
@@ -343,12 +344,12 @@ def test_zarr_clip_ids_are_checked_against_the_index(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
 def test_one_loader_runs_on_across_epochs_with_the_same_workers(info, fmt, monkeypatch):
-    collate = sd._collate
+    collate = sd_loader._collate
 
     def tagged(items, info):        # runs in the loader worker (forked: the patch is inherited)
         return {**collate(items, info), "pid": os.getpid()}
 
-    monkeypatch.setattr(sd, "_collate", tagged)
+    monkeypatch.setattr(sd_loader, "_collate", tagged)
     data = sd.TrainData(info, fmt=fmt, batch_size=2, seed=5, num_workers=2, shuffle_buffer=4)
     per_epoch = data.batches_per_epoch()
     planned = [ids for e in range(3) for ids in sd.epoch_clip_ids(info, data.plan(e), 0)]
