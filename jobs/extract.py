@@ -85,7 +85,7 @@ class ExtractConfig:
         "235 with 8, 258 with 12)")})
     decode_cpu_slots: int | None = field(default=None, metadata={"min": 0, "max": 256, "help": (
         "with --decode-device auto: videos decoded by ffmpeg at once in each GPU's decode actor; default the "
-        "cluster's CPUs per GPU less the teacher's and one")})
+        "cluster's CPUs per GPU less the teacher's and one, capped by half of a GPU's share of the memory")})
     decode_memory: str | None = field(default=None, metadata={
         "bytes": True, "min": 1, "help": "memory reserved per decode task; default what one needs at the largest "
                                          "allowed frame (pipeline.video.decode_memory)"})
@@ -248,6 +248,18 @@ class DecodePlan:
     sessions: int = 0
     cpu_slots: int = 0
     require_nvdec: bool = False
+    memory: int = 0                 # bytes the decode actor reserves
+
+
+# Of each GPU's share of the cluster's memory, what a decode actor may reserve by default: an actor
+# asking for more than a node has is never placed, and the job would wait for it forever.
+DECODE_MEMORY_SHARE = 0.5
+
+
+def nvdec_call_memory(cfg: ExtractConfig) -> int:
+    """Host memory of one NVDEC call: its chunk's frames at the stored size, twice (GPU to host copy,
+    then the clip batch); the decoded surfaces stay on the GPU."""
+    return 2 * cfg.chunk_clips * cfg.clip_frames * cfg.size * cfg.size * 3
 
 
 def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
@@ -257,12 +269,16 @@ def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
         raise ConfigError("--decode-device gpu: the cluster has no GPUs (use cpu or auto)")
     if cfg.decode_device == "cpu" or not gpus:
         return DecodePlan(on_gpu=False)
-    slots = 0
+    slots, slot_memory = 0, decode_task_memory(cfg, 1)
+    sessions_memory = cfg.nvdec_sessions * nvdec_call_memory(cfg)
     if cfg.decode_device == "auto":
-        per_gpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - 1
-        slots = max(0, per_gpu) if cfg.decode_cpu_slots is None else cfg.decode_cpu_slots
+        slots = cfg.decode_cpu_slots
+        if slots is None:      # the CPUs beside the teacher, as many as half the memory holds
+            by_cpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - 1
+            by_memory = int((DECODE_MEMORY_SHARE * resources.get("memory", 0) / gpus - sessions_memory) // slot_memory)
+            slots = max(0, min(by_cpu, by_memory))
     return DecodePlan(on_gpu=True, gpus=gpus, sessions=cfg.nvdec_sessions, cpu_slots=slots,
-                      require_nvdec=cfg.decode_device == "gpu")
+                      require_nvdec=cfg.decode_device == "gpu", memory=sessions_memory + slots * slot_memory)
 
 
 def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *, use_gpu: bool,
@@ -289,7 +305,7 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
         calls = decode.sessions + decode.cpu_slots
         ds = ds.map_batches(
             GpuDecodeStage, batch_size=1, batch_format="numpy", compute=actor_pool(decode.gpus, calls),
-            num_gpus=DECODE_GPU_SHARE, num_cpus=max(1, decode.cpu_slots), memory=calls * decode_task_memory(cfg, 1),
+            num_gpus=DECODE_GPU_SHARE, num_cpus=max(1, decode.cpu_slots), memory=decode.memory,
             fn_constructor_kwargs={"options": replace(options, threads=1), "store": store, "sessions": decode.sessions,
                                    "cpu_slots": decode.cpu_slots, "require_nvdec": decode.require_nvdec})
     else:

@@ -152,20 +152,27 @@ def test_nvdec_refuses_what_it_cannot_decode_exactly(shared_videos):
 # ---------------------------------------------------------------- the job's decode stage
 
 def test_decode_plan_follows_the_flag_and_the_cluster():
-    from jobs.extract import ExtractConfig, decode_plan
+    from jobs.extract import ExtractConfig, decode_plan, decode_task_memory, nvdec_call_memory
     from pipeline.config import ConfigError, parse_config
+
+    cfg = parse_config(ExtractConfig, ["--input", "x", "--output", "y", "--teacher", "t"])
 
     def plan(flags, resources):
         return decode_plan(parse_config(ExtractConfig, ["--input", "x", "--output", "y", "--teacher", "t", *flags]),
                            resources)
 
-    assert not plan([], {"CPU": 16}).on_gpu                                    # auto without GPUs: CPU tasks
-    auto = plan([], {"CPU": 32, "GPU": 2})                                     # 16 CPUs a GPU, 1 for the teacher
+    big = {"CPU": 32, "GPU": 2, "memory": 512 * 2**30}
+    assert not plan([], {"CPU": 16, "memory": 64 * 2**30}).on_gpu                 # auto without GPUs: CPU tasks
+    auto = plan([], big)                                                           # 16 CPUs a GPU, 1 for the teacher
     assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 8, 14, False)
-    assert plan(["--decode-cpu-slots", "3"], {"CPU": 32, "GPU": 2}).cpu_slots == 3
-    gpu = plan(["--decode-device", "gpu", "--nvdec-sessions", "6"], {"CPU": 32, "GPU": 2})
-    assert (gpu.sessions, gpu.cpu_slots, gpu.require_nvdec) == (6, 0, True)
-    assert not plan(["--decode-device", "cpu"], {"CPU": 32, "GPU": 2}).on_gpu
+    assert auto.memory == 8 * nvdec_call_memory(cfg) + 14 * decode_task_memory(cfg, 1)
+    # a GPU's half of the memory holds fewer ffmpeg slots than it has CPUs: the slots follow the memory
+    small = plan([], {**big, "memory": 2 * 8 * 2**30})
+    assert small.cpu_slots < 14 and small.memory <= 4 * 2**30
+    assert plan(["--decode-cpu-slots", "3"], big).cpu_slots == 3
+    gpu = plan(["--decode-device", "gpu", "--nvdec-sessions", "6"], big)
+    assert (gpu.sessions, gpu.cpu_slots, gpu.require_nvdec, gpu.memory) == (6, 0, True, 6 * nvdec_call_memory(cfg))
+    assert not plan(["--decode-device", "cpu"], big).on_gpu
     with pytest.raises(ConfigError, match="no GPUs"):
         plan(["--decode-device", "gpu"], {"CPU": 8})
 
