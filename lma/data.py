@@ -9,6 +9,7 @@ text and replaced by slots that `lma.modeling.VideoLLM` fills through `inputs_em
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.remote import storage_options
+
+log = logging.getLogger("lma.data")
 
 VIDEO_PLACEHOLDER = "<video>"
 TIME_MARKER = "<t={:.1f}s>"
@@ -211,17 +214,28 @@ def video_timestamps(info, frames: int) -> list[float]:
     return sample_timestamps(info.duration, frames, available)
 
 
-def load_frames(uri: str, frames: int, size: int, timeout: float | None = None, policy=None):
+def load_frames(uri: str, frames: int, size: int, timeout: float | None = None, policy=None, gpu: int | None = None):
     """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
     `policy`: a `pipeline.video.InputPolicy` (default: its defaults), the same rules as extraction.
+    `gpu`: decode on that CUDA device's NVDEC and return the frames as a CUDA tensor there (no host
+    round trip before the student); a video NVDEC cannot take exactly is decoded by ffmpeg.
     Raises `pipeline.errors.VideoError` subclasses for unusable or refused videos."""
     # Imported here: the model, tokenisation and benchmarks must run where ffmpeg is not installed.
     from pipeline.video import DEFAULT_POLICY, decode_frames, probe
 
     policy = policy or DEFAULT_POLICY
     info = probe(uri, timeout=timeout or 30.0, policy=policy)
-    decoded = decode_frames(uri, video_timestamps(info, frames), size=size, timeout=timeout, info=info,
-                            policy=policy)
+    times = video_timestamps(info, frames)
+    if gpu is not None:
+        from pipeline import nvdec
+
+        try:
+            decoded = nvdec.decode_frames(uri, times, size=size, timeout=timeout, info=info, policy=policy, gpu=gpu,
+                                          device=True)
+            return decoded.frames, decoded.timestamps
+        except nvdec.NvdecFallback as e:
+            log.info("%s: decoded on the CPU: %s", uri, e)
+    decoded = decode_frames(uri, times, size=size, timeout=timeout, info=info, policy=policy)
     return decoded.frames, decoded.timestamps
 
 

@@ -33,6 +33,9 @@ class GenerateConfig:
     max_new_tokens: int = field(default=128, metadata={"min": 1})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     decode_timeout: float = field(default=120.0, metadata={"min": 1})
+    decode_device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "gpu"), "help": (
+        "gpu: decode on the model's GPU (NVDEC, frames stay on the GPU; ffmpeg for videos NVDEC cannot take); "
+        "cpu: ffmpeg; auto: gpu when the model is on a GPU with NVDEC, else cpu")})
     allow_schemes: tuple[str, ...] = field(default=(), metadata={
         "help": "video URI schemes accepted besides local paths, file:// and s3:// (e.g. gs,https)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
@@ -52,15 +55,17 @@ def stage_timer(timings: dict[str, float], name: str, device: torch.device):
 
 @torch.no_grad()
 def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_tokens: int,
-           decode_timeout: float | None = None, policy=None) -> tuple[str, dict]:
+           decode_timeout: float | None = None, policy=None, nvdec: bool = False) -> tuple[str, dict]:
     """(answer text, report with per-stage milliseconds and token counts). `policy`: the
-    `pipeline.video.InputPolicy` the video must pass (default: its defaults)."""
+    `pipeline.video.InputPolicy` the video must pass (default: its defaults). `nvdec`: decode on
+    the model's GPU (see `nvdec_gpu`)."""
     timings: dict[str, float] = {}
     device = model.device
     size = model.config.image_size
     with stage_timer(timings, "decode", device):
         pixels, timestamps = load_frames(video, frames, tuple(size) if isinstance(size, list) else size,
-                                         timeout=decode_timeout, policy=policy)
+                                         timeout=decode_timeout, policy=policy,
+                                         gpu=(device.index or 0) if nvdec else None)
     with stage_timer(timings, "student", device):
         tokens = model.student_tokens(pixels)
     with stage_timer(timings, "projector", device):
@@ -76,8 +81,22 @@ def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_toke
     text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
     report = {"time_ms": {k: round(timings[k], 2) for k in STAGES}, "frames": len(timestamps),
               "visual_tokens": int(visual_mask.sum()), "prompt_tokens": int(input_ids.shape[1]),
-              "new_tokens": len(ids), "time_markers": model.markers.scheme}
+              "new_tokens": len(ids), "time_markers": model.markers.scheme,
+              "decoder": "nvdec" if isinstance(pixels, torch.Tensor) and pixels.is_cuda else "ffmpeg"}
     return text, report
+
+
+def nvdec_gpu(decode_device: str, device: torch.device) -> bool:
+    """--decode-device resolved for a model on `device`: True to decode on its NVDEC. gpu where NVDEC
+    cannot run is an error (SystemExit naming why); auto falls back to ffmpeg."""
+    if decode_device == "cpu":
+        return False
+    from pipeline.nvdec import unavailable_reason
+
+    reason = "the model is on the CPU" if device.type != "cuda" else unavailable_reason(device.index or 0)
+    if reason is not None and decode_device == "gpu":
+        raise SystemExit(f"--decode-device gpu: {reason}")
+    return reason is None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     model = VideoLLM.from_pretrained(cfg.model, device=resolve_device(cfg.device))
     try:
         text, report = answer(model, cfg.video, cfg.question, cfg.frames or model.config.frames,
-                              cfg.max_new_tokens, cfg.decode_timeout, InputPolicy(allow_schemes=cfg.allow_schemes))
+                              cfg.max_new_tokens, cfg.decode_timeout, InputPolicy(allow_schemes=cfg.allow_schemes),
+                              nvdec=nvdec_gpu(cfg.decode_device, model.device))
     except VideoError as err:
         raise SystemExit(f"cannot read video: {type(err).__name__}: {err}") from None
     if cfg.json:
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     times = " ".join(f"{k}={v:.1f}" for k, v in report["time_ms"].items())
     print(f"time_ms: {times} | frames={report['frames']} visual_tokens={report['visual_tokens']} "
           f"prompt_tokens={report['prompt_tokens']} new_tokens={report['new_tokens']} "
-          f"time_markers={report['time_markers']}")
+          f"time_markers={report['time_markers']} decoder={report['decoder']}")
 
 
 if __name__ == "__main__":

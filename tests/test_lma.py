@@ -267,6 +267,12 @@ def test_resume_continues_exactly(tmp_path, trained, student_dir, llm_dir, data_
         finetune(_config(student_dir, llm_dir, data_file, run, "--resume", "--lr", "1e-3"))
 
 
+def _nvdec_ready() -> bool:
+    from pipeline.nvdec import unavailable_reason
+
+    return torch.cuda.is_available() and unavailable_reason(0) is None
+
+
 def test_generate_cli_end_to_end(trained, data_file):
     cmd = [sys.executable, "-m", "lma.generate", "--model", str(trained), "--video", str(data_file.parent / "a.mp4"),
            "--question", "what colour is the square", "--max-new-tokens", "6"]
@@ -277,6 +283,11 @@ def test_generate_cli_end_to_end(trained, data_file):
     assert all(v > 0 for v in report["time_ms"].values())
     assert report["frames"] == FRAMES and report["visual_tokens"] == (FRAMES // 4) * 4
     assert 0 < report["new_tokens"] <= 6 and isinstance(report["answer"], str)
+    assert report["decoder"] == ("nvdec" if _nvdec_ready() else "ffmpeg")     # --decode-device auto
+
+    if not _nvdec_ready():     # NVDEC asked for where it cannot run: one clear line, before any decode
+        refused = subprocess.run(cmd + ["--decode-device", "gpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "--decode-device gpu:" in refused.stderr
 
     bad = subprocess.run(cmd[:6] + [str(data_file.parent / "junk.mp4")] + cmd[7:], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
