@@ -201,7 +201,7 @@ class GpuDecodeStage:
                  require_nvdec: bool):
         from pipeline.nvdec import NvdecUnavailableError, unavailable_reason
 
-        reason = unavailable_reason(0)       # Ray makes the actor's GPU device 0
+        reason = unavailable_reason(0) if sessions else None      # Ray makes the actor's GPU device 0
         if reason is not None:
             if require_nvdec:
                 raise NvdecUnavailableError(f"--decode-device gpu: {reason}")

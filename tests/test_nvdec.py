@@ -8,7 +8,10 @@ GPU and PyNvVideoCodec exist: NVDEC's frames against the CPU path's, frame for f
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from pipeline import nvdec
 from pipeline.ffmpeg import ffmpeg_exe
 from pipeline.video import decode_frames, locate_frames, probe
 from pipeline.yuv import split_planes, to_rgb
+
+REPO = Path(__file__).resolve().parents[1]
 
 # 4:2:0 clips of ../shared/videos (cockatoo is 4:4:4, test.avi MPEG-4 Part 2, corrupted.mp4 broken).
 CLIPS_420 = ("again.mkv", "bear-vp9.webm", "big_buck_bunny_0_30.webm", "bottle-detection.mp4", "car-detection.mp4",
@@ -214,3 +219,16 @@ def test_the_packets_located_for_nvdec_decode_the_wanted_frames(shared_videos, n
                          timeout=120).stdout
     decoded = {int(line.split(",")[2]) for line in out.splitlines() if line[:1].isdigit()}
     assert set(request.pts.tolist()) <= decoded, sorted(set(request.pts.tolist()) - decoded)
+
+
+def test_nvdec_bench_stage_part_runs_on_cpu(tmp_path):
+    """bench/nvdec.py's decode-stage part (the job's GpuDecodeStage with ffmpeg slots) stays runnable
+    without a GPU; speed is never asserted."""
+    out = tmp_path / "nvdec.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "nvdec.py"), "--only-stage", "--stage", "cpu:2",
+                           "--seconds", "3", "--heights", "96", "--stage-videos", "3", "--workdir", str(tmp_path),
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["method"] == "stage cpu:2" and row["clips"] > 0 and row["clips_by_decoder"] == {"ffmpeg": row["clips"]}
+    assert row["cpu_s_per_clip"] > 0
