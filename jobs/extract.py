@@ -6,7 +6,8 @@
 Streaming: video URIs -> decode (compact clips out: frames at --size, not whole videos) in CPU tasks,
 or with --decode-device auto|gpu on a GPU cluster in one decode actor per GPU (NVDEC sessions and
 ffmpeg slots, see GpuDecodeStage) -> teacher + compression in an actor pool (one actor per GPU)
--> JPEG encode tasks -> a Datasink whose write tasks roll shards by bytes and commit them. The driver then finalises the store.
+-> JPEG encode tasks -> a Datasink whose write tasks roll shards by bytes and commit them. The
+driver then finalises the store.
 Resume is the same command: committed shards are skipped, partly done videos redo only their
 missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors/).
 """
@@ -251,34 +252,30 @@ class DecodePlan:
     memory: int = 0                 # bytes the decode actor reserves
 
 
-# Of each GPU's share of the cluster's memory, what a decode actor may reserve by default: an actor
-# asking for more than a node has is never placed, and the job would wait for it forever.
+# Of each GPU's share of the cluster's memory, what a decode actor may reserve for its default CPU
+# slots: an actor asking for more than a node has is never placed, and the job would wait for it.
 DECODE_MEMORY_SHARE = 0.5
 
 
-def nvdec_call_memory(cfg: ExtractConfig) -> int:
-    """Host memory of one NVDEC call: its chunk's frames at the stored size, twice (GPU to host copy,
-    then the clip batch); the decoded surfaces stay on the GPU."""
-    return 2 * cfg.chunk_clips * cfg.clip_frames * cfg.size * cfg.size * 3
-
-
 def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
-    """--decode-device against the cluster's resources (ray.cluster_resources())."""
+    """--decode-device against the cluster's resources (ray.cluster_resources()). Every call of the
+    decode actor reserves one ffmpeg decode's memory: an NVDEC call falls back to ffmpeg for a
+    video NVDEC cannot take."""
     gpus = int(resources.get("GPU", 0))
     if cfg.decode_device == "gpu" and not gpus:
         raise ConfigError("--decode-device gpu: the cluster has no GPUs (use cpu or auto)")
     if cfg.decode_device == "cpu" or not gpus:
         return DecodePlan(on_gpu=False)
-    slots, slot_memory = 0, decode_task_memory(cfg, 1)
-    sessions_memory = cfg.nvdec_sessions * nvdec_call_memory(cfg)
+    call_memory = decode_task_memory(cfg, 1)
+    slots = 0
     if cfg.decode_device == "auto":
         slots = cfg.decode_cpu_slots
         if slots is None:      # the CPUs beside the teacher, as many as half the memory holds
             by_cpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - 1
-            by_memory = int((DECODE_MEMORY_SHARE * resources.get("memory", 0) / gpus - sessions_memory) // slot_memory)
+            by_memory = int(DECODE_MEMORY_SHARE * resources.get("memory", 0) / gpus // call_memory) - cfg.nvdec_sessions
             slots = max(0, min(by_cpu, by_memory))
     return DecodePlan(on_gpu=True, gpus=gpus, sessions=cfg.nvdec_sessions, cpu_slots=slots,
-                      require_nvdec=cfg.decode_device == "gpu", memory=sessions_memory + slots * slot_memory)
+                      require_nvdec=cfg.decode_device == "gpu", memory=(cfg.nvdec_sessions + slots) * call_memory)
 
 
 def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *, use_gpu: bool,

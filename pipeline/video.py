@@ -814,8 +814,7 @@ class FrameRequest:
     uri: str
     path: str  # the local file (a remote input is already in the cache)
     info: VideoInfo
-    index: np.ndarray  # int64 [F] sorted unique frames to decode: positions in presentation order
-    pts: np.ndarray | None  # int64 [F] sorted unique frames to decode, in `time_base` ticks; None: no packet pts
+    pts: np.ndarray | None  # int64 [F] the frames to decode, sorted unique, in `time_base` ticks; None: no packet pts
     time_base: Fraction | None
     needed: np.ndarray | None  # int64 sorted pts (ticks) of the packets those frames need; None: all packets
     inverse: np.ndarray  # request i is frame `inverse[i]` of those
@@ -842,8 +841,7 @@ def locate_frames(uri: str, timestamps: Sequence[float], timeout: float | None =
         positions = np.concatenate([np.arange(np.searchsorted(pk.dts, a), np.searchsorted(pk.dts, b, side="right"))
                                     for a, b in ranges]) if ranges else np.zeros(0, np.int64)
         needed = np.unique(np.round(pk.time[positions] / float(tb)).astype(np.int64))
-    return FrameRequest(o.uri, o.path, o.info, uniq.astype(np.int64), pts, tb, needed, inverse.reshape(-1),
-                        rel[pick].astype(np.float64),
+    return FrameRequest(o.uri, o.path, o.info, pts, tb, needed, inverse.reshape(-1), rel[pick].astype(np.float64),
                         o.table.damaged, o.deadline)
 
 
