@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,15 +50,26 @@ def test_a_lease_from_another_host_is_watched_until_renewed_or_expired(tmp_path)
     import threading
 
     def lease(renewed):
-        (tmp_path / "_lease.json").write_text(json.dumps(
-            {"id": "x", "host": "elsewhere", "pid": 1, "renewed": renewed, "ttl": 2}))
+        """Written as the holder's job writes it: whole, by rename (a reader never sees half a file)."""
+        tmp = tmp_path / "_lease.json.tmp"
+        tmp.write_text(json.dumps({"id": "x", "host": "elsewhere", "pid": 1, "renewed": renewed, "ttl": 2}))
+        os.replace(tmp, tmp_path / "_lease.json")
+
+    stop = threading.Event()
+
+    def heartbeat():          # its job is alive: renewed every ttl/8, however late the watcher looks
+        while not stop.wait(0.25):
+            lease(time.time())
 
     lease(time.time())
-    renewer = threading.Timer(0.5, lambda: lease(time.time()))    # its job is alive
+    renewer = threading.Thread(target=heartbeat)
     renewer.start()
-    with pytest.raises(StoreBusyError, match="host elsewhere"):
-        Lease(str(tmp_path), settle=0).acquire()
-    renewer.join()
+    try:
+        with pytest.raises(StoreBusyError, match="host elsewhere"):
+            Lease(str(tmp_path), settle=0).acquire()
+    finally:
+        stop.set()
+        renewer.join()
     lease(time.time())                                            # its job died: no renewal comes
     start = time.time()
     Lease(str(tmp_path), settle=0).acquire().release()
