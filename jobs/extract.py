@@ -363,6 +363,7 @@ def extract(cfg: ExtractConfig) -> dict:
         lease.release()
     totals = final["summary"]
     busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
+    width, timeline = summary.busy_timeline()
     return {
         "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": done,
         "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
@@ -376,6 +377,8 @@ def extract(cfg: ExtractConfig) -> dict:
                    if decode.on_gpu else "CPU tasks"),
         "clips_by_decoder": dict(sorted(summary.decoders.items())),
         "teacher_busy_fraction": round(busy, 3) if busy is not None else None,
+        # the first windows include decode's head start while the teachers load and compile
+        "teacher_busy_timeline": f"per {width:g} s: " + " ".join(f"{b:.2f}" for b in timeline),
         "total_seconds": round(time.time() - started, 2),
     }
 

@@ -364,6 +364,9 @@ def encode_frames(batch: dict[str, np.ndarray], *, encoding: str = "jpg", qualit
 
 # ---------------------------------------------------------------- writing
 
+BUSY_WINDOW_S = 30.0
+
+
 @dataclass
 class WriteSummary:
     """What one writer did; summed over writers for the job's summary."""
@@ -373,6 +376,9 @@ class WriteSummary:
     bytes: int = 0
     teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
     decoders: dict[str, int] = field(default_factory=dict)          # clips per decoder (ffmpeg, nvdec)
+    # teacher busy seconds (all actors) by the BUSY_WINDOW_S window their call ended in: the timeline
+    # shows a starved teacher that the whole-job fraction hides behind decode's head start
+    busy_windows: dict[int, float] = field(default_factory=dict)
 
     def add(self, other: "WriteSummary") -> "WriteSummary":
         self.shards += other.shards
@@ -385,7 +391,32 @@ class WriteSummary:
             mine[0] += busy
             mine[1] = min(mine[1], ready)
             mine[2] = max(mine[2], done)
+        for window, busy in other.busy_windows.items():
+            self.busy_windows[window] = self.busy_windows.get(window, 0.0) + busy
         return self
+
+    def add_teacher_call(self, actor: str, busy: float, ready: float, done: float) -> None:
+        self.add(WriteSummary(teacher={actor: [busy, ready, done]}, busy_windows={int(done // BUSY_WINDOW_S): busy}))
+
+    def busy_timeline(self, max_points: int = 48) -> tuple[float, list[float]]:
+        """(window seconds, the teacher's busy fraction per window) from the first actor's start to the
+        last target (the first and last windows count only their part of that span): windows double in
+        width until at most `max_points` remain, so a day-long job's stays short. Each call counts in
+        the window it ended in, so a window can read slightly above 1."""
+        if not self.teacher:
+            return BUSY_WINDOW_S, []
+        start = min(r for _, r, _ in self.teacher.values())
+        end = max(d for _, _, d in self.teacher.values())
+        first, last = int(start // BUSY_WINDOW_S), int(end // BUSY_WINDOW_S)
+        busy = [self.busy_windows.get(w, 0.0) for w in range(first, last + 1)]
+        span = [min(end, (w + 1) * BUSY_WINDOW_S) - max(start, w * BUSY_WINDOW_S) for w in range(first, last + 1)]
+        width = BUSY_WINDOW_S
+        while len(busy) > max_points:
+            busy = [sum(busy[i:i + 2]) for i in range(0, len(busy), 2)]
+            span = [sum(span[i:i + 2]) for i in range(0, len(span), 2)]
+            width *= 2
+        actors = len(self.teacher)
+        return width, [b / (s * actors) if s > 0 else 0.0 for b, s in zip(busy, span)]
 
     def busy_fraction(self) -> float | None:
         wall = sum(done - ready for _, ready, done in self.teacher.values())
@@ -417,8 +448,8 @@ def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]]
                 if row.get("decoder") is not None:
                     summary.decoders[str(row["decoder"])] = summary.decoders.get(str(row["decoder"]), 0) + 1
                 if "teacher_actor" in row:
-                    summary.add(WriteSummary(teacher={str(row["teacher_actor"]): [
-                        float(row["teacher_busy"]), float(row["teacher_ready"]), float(row["teacher_done"])]}))
+                    summary.add_teacher_call(str(row["teacher_actor"]), float(row["teacher_busy"]),
+                                             float(row["teacher_ready"]), float(row["teacher_done"]))
                 yield row
 
     for record in roll_shards(store, clips(), shard_bytes, zarr_shard_clips):

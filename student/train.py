@@ -109,6 +109,9 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32"),
                                                      "help": "auto (bf16 autocast on GPU), bf16 or fp32"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
+    sync_steps: bool = field(default=True, metadata={
+        "help": "wait for each step's GPU work before the next batch (exact step times; --no-sync-steps lets the "
+                "optimizer update overlap the next batch, and the data wait then includes up to that update)"})
     trace_samples: bool = field(default=False, metadata={"help": "write each step's clip ids to samples-rankR.jsonl"})
     max_bad_clips: int = field(default=16, metadata={"min": 0,
         "help": "bad clips (undecodable, non-finite, missing) each rank skips and logs; one more stops the run"})
@@ -345,7 +348,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
             batch = next(batches)       # its bad clips already counted, logged (or fatal)
             timer.batch_ready()
             loss, grad_norm, applied = trainer.step(batch)
-            if env.device.type == "cuda":
+            if cfg.sync_steps and env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)   # honest step times for the data-wait fraction
             step += 1
             batch_in_epoch += 1

@@ -14,8 +14,8 @@ from jobs.extract import ExtractConfig, store_schema
 from pipeline.clips import ClipSpec
 from pipeline.compress import Compression
 from pipeline.config import parse_bytes, parse_config
-from pipeline.stages import (BusyClock, DecodeOptions, TeacherStage, WriteSummary, decode_videos, encode_frames,
-                             list_videos, stored_target, write_shards)
+from pipeline.stages import (BUSY_WINDOW_S, BusyClock, DecodeOptions, TeacherStage, WriteSummary, decode_videos,
+                             encode_frames, list_videos, stored_target, write_shards)
 from pipeline.store import StoreError, StoreWriter, decode_target, encode_target, open_store
 
 
@@ -166,8 +166,30 @@ def test_teacher_stage_concurrent_calls(tmp_path):
         np.testing.assert_allclose(decode_target(out[i]["target"], "bfloat16"), decode_target(alone[i], "bfloat16"),
                                    rtol=1e-2, atol=1e-3)
         for busy, ready, done in zip(out[i]["teacher_busy"], out[i]["teacher_ready"], out[i]["teacher_done"]):
-            summary.add(WriteSummary(teacher={str(out[i]["teacher_actor"][0]): [busy, ready, done]}))
+            summary.add_teacher_call(str(out[i]["teacher_actor"][0]), busy, ready, done)
     assert 0 < summary.busy_fraction() <= 1.0
+    assert sum(summary.busy_windows.values()) == pytest.approx(sum(b for b, _, _ in summary.teacher.values()))
+
+
+def test_busy_timeline_shows_a_teacher_starved_after_the_head_start():
+    """Two actors busy the whole first 90 s (frames decoded during their start-up), then half the
+    time: the whole-job fraction averages the two; the timeline shows when the starving began, and
+    a long job's timeline stays short (windows double)."""
+    summary = WriteSummary()
+    t0 = 1_000_000 * BUSY_WINDOW_S          # a window boundary
+    for actor in ("a", "b"):
+        for second in range(180):       # one 1-s call per second, busy 1 s, then 0.5 s after 90 s
+            summary.add_teacher_call(actor, 1.0 if second < 90 else 0.5, t0, t0 + second + 0.5)
+    width, timeline = summary.busy_timeline()
+    assert width == BUSY_WINDOW_S and timeline == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5], abs=0.01)
+    assert summary.busy_fraction() == pytest.approx(0.75, abs=0.01)
+    width, timeline = summary.busy_timeline(max_points=4)
+    assert width == 2 * BUSY_WINDOW_S and timeline == pytest.approx([1, 0.75, 0.5], abs=0.01)
+    whole = WriteSummary().add(summary).add(WriteSummary())      # merging keeps the windows
+    assert whole.busy_timeline() == summary.busy_timeline()
+    short = WriteSummary()      # a run shorter than a window: its span, not the window, is the base
+    short.add_teacher_call("a", 4.0, t0 + 10, t0 + 15)
+    assert short.busy_timeline() == (BUSY_WINDOW_S, [pytest.approx(0.8)])
 
 
 def test_teacher_stage_leaves_grad_mode_alone(tmp_path):

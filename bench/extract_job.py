@@ -1,0 +1,127 @@
+"""The real extraction job on a GPU node, per decode mode and GPU count, with the node's CPU cost.
+
+    python3 bench/extract_job.py --runs cpu:2,auto:2,auto:1 --videos 24 --copies 5 --json /tmp/job.json
+
+Inputs: --videos one-minute synthetic H.264 videos (720p and 1080p alternating, 30 fps, grain so
+the codec works as on camera footage), each hard-linked --copies times under other names (each name
+draws its own clips). Teacher: InternViT-300M shape, random weights, bf16, compiled (the job's
+default on GPUs). Per run MODE:GPUS, `jobs.extract` (views 2, 1-4 fps, WebDataset) on a fresh local
+Ray of GPUS GPUs and --cpus-per-gpu CPUs each; the machine's CPU-seconds (/proc/stat, every
+process) are read around the run.
+
+The object store is capped (--object-store-gb): decode runs ahead while the teachers load and
+compile, and an uncapped store on a big node holds more decoded clips than a short run has, so
+every run would read as teacher-bound. The job's `teacher_busy_timeline` shows when the head start
+was used up; its last windows are the steady state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_seconds() -> float:
+    """Busy CPU-seconds of the whole machine so far (user + nice + system + irq + softirq)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def make_one(job: tuple[str, int, float]) -> None:
+    from pipeline.samples import make_video
+
+    path, height, seconds = job
+    make_video(path, seconds=seconds, fps=30.0, size=(int(round(height * 16 / 9 / 2)) * 2, height), gop=60,
+               noise=4, timeout=900)
+
+
+def make_inputs(directory: Path, videos: int, copies: int, seconds: float) -> Path:
+    originals = directory / "originals"
+    jobs = [(str(originals / f"v{i:03d}_{1080 if i % 2 else 720}p.mp4"), 1080 if i % 2 else 720, seconds)
+            for i in range(videos)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(make_one, jobs))
+    inputs = directory / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for copy in range(copies):
+        for path, _, _ in jobs:
+            os.link(path, inputs / f"c{copy}_{Path(path).name}")
+    return inputs
+
+
+def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> dict:
+    import ray
+
+    from jobs.extract import ExtractConfig, extract
+
+    cpus = max(gpus, 1) * args.cpus_per_gpu
+    ray.init(address="local", num_gpus=gpus, num_cpus=cpus,
+             object_store_memory=int(args.object_store_gb * 1e9), include_dashboard=False)
+    try:
+        cfg = ExtractConfig(input=str(inputs), output=str(out), teacher=str(teacher), views=2, fps=(1.0, 4.0),
+                            formats=("webdataset",), decode_device=mode, ray_address="auto")
+        before, t0 = cpu_seconds(), time.time()
+        summary = extract(cfg)
+        cpu, wall = cpu_seconds() - before, time.time() - t0
+    finally:
+        ray.shutdown()
+        shutil.rmtree(out, ignore_errors=True)      # runs of 10^4 clips write GBs
+    clips = summary["clips_written"]
+    return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
+            "cpu_s_per_clip": cpu / clips if clips else None, **summary}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="cpu:1,auto:1", help="MODE:GPUS, comma-separated (mode: cpu, auto, gpu)")
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--copies", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each synthetic video")
+    parser.add_argument("--cpus-per-gpu", type=int, default=16, help="Ray CPUs per GPU (per run without GPUs)")
+    parser.add_argument("--object-store-gb", type=float, default=8.0)
+    parser.add_argument("--shape", choices=("internvit-300m", "tiny"), default="internvit-300m")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    import extract as bench_extract    # bench/extract.py: the teacher checkpoint it benchmarks
+
+    shape = bench_extract.INTERNVIT_300M if args.shape == "internvit-300m" else bench_extract.TINY
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        teacher = bench_extract.make_teacher_dir(work / "teacher", shape, torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"))
+        inputs = make_inputs(work, args.videos, args.copies, args.seconds)
+        print(f"inputs: {len(list(inputs.iterdir()))} videos", flush=True)
+        for spec in args.runs.split(","):
+            mode, _, gpus = spec.partition(":")
+            rows.append(run(inputs, teacher, work / f"store-{mode}-{gpus}", mode, int(gpus or 0), args))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+                                                 "cpus": os.cpu_count(), "commit": os.environ.get("COMMIT")}, indent=1))
+    print("| decode | GPUs | CPUs | clips | by decoder | clips/s (teacher ready) | teacher busy | busy timeline "
+          "| machine CPU-s per clip |")
+    print("|---|---:|---:|---:|---|---:|---:|---|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['clips_written']} | {r['clips_by_decoder']} | "
+              f"{r['clips_per_second_teacher_ready']} | {r['teacher_busy_fraction']} | {r['teacher_busy_timeline']} | "
+              f"{r['cpu_s_per_clip']:.3f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
