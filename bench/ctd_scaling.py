@@ -4,8 +4,8 @@
 
 Writes a store shaped for the `vitb` preset (448 px JPEG q90 frames, float16 [64, 3584] targets,
 the writer of bench/student.py), then per run (N GPUs; `N:nosync` adds --no-sync-steps, to price the
-per-step CUDA sync; `N:ray` runs the Ray Train entry, jobs.train_student, instead of torchrun)
-runs the trainer with NCCL, bf16, --compile and `--log-every 1`, and reads rank 0's metrics.jsonl:
+per-step CUDA sync; `N:bf16` adds --grad-reduce bf16; `N:ray` runs the Ray Train entry,
+jobs.train_student, instead of torchrun) runs the trainer with NCCL, bf16, --compile and `--log-every 1`, and reads rank 0's metrics.jsonl:
 steady-state clips/s (the trainer logs all ranks' clips) and data wait (median over steps after
 the compile warm-up, away from epoch boundaries), their mean over the first two steps of each new
 epoch, scaling efficiency per GPU, and MFU: clips/s x the student's training
@@ -60,8 +60,8 @@ def train_flops_per_clip(store: Path) -> float:
 
 
 def run(store: Path, out: Path, gpus: int, mode: str, args) -> list[dict]:
-    """One training run: torchrun (mode "" or "nosync": --no-sync-steps) or the Ray Train entry
-    (mode "ray": jobs.train_student on a local Ray, one worker per GPU)."""
+    """One training run: torchrun (mode "", "nosync": --no-sync-steps, "bf16": --grad-reduce bf16) or
+    the Ray Train entry (mode "ray": jobs.train_student on a local Ray, one worker per GPU)."""
     launcher = ([sys.executable, "-m", "jobs.train_student", "--ray-workers", str(gpus), "--use-gpu",
                  "--address", "local"] if mode == "ray" else
                 ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "student.train"])
@@ -69,7 +69,7 @@ def run(store: Path, out: Path, gpus: int, mode: str, args) -> list[dict]:
         "--data", str(store), "--output", str(out), "--preset", "vitb", "--batch-size", str(args.batch_size),
         "--num-workers", str(args.workers), "--compile", "--max-steps", str(args.steps), "--warmup-steps", "10",
         "--log-every", "1", "--checkpoint-every", "0", "--eval-every", "0"] + (
-        ["--no-sync-steps"] if mode == "nosync" else [])
+        ["--no-sync-steps"] if mode == "nosync" else []) + (["--grad-reduce", "bf16"] if mode == "bf16" else [])
     subprocess.run(cmd, cwd=REPO, check=True, timeout=args.timeout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -87,7 +87,8 @@ def summarise(rows: list[dict], gpus: int, mode: str, skip: int) -> dict:
 
     # steady state: medians; boundary windows: means, so one stalled step shows
     return {"gpus": gpus, "launcher": "ray" if mode == "ray" else "torchrun", "sync_steps": mode != "nosync",
-            "epoch_starts": sorted(first), "steady_steps": len(steady),
+            "grad_reduce": "bf16" if mode == "bf16" else "fp32", "epoch_starts": sorted(first),
+            "steady_steps": len(steady),
             "clips_per_s": over(steady, "clips_per_s", statistics.median),
             "data_wait": over(steady, "data_wait_frac", statistics.median), "boundary_steps": len(boundary),
             "boundary_clips_per_s": over(boundary, "clips_per_s", statistics.mean),
@@ -97,7 +98,8 @@ def summarise(rows: list[dict], gpus: int, mode: str, skip: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", default="1,2",
-                        help="runs: GPU counts; N:nosync adds --no-sync-steps, N:ray uses jobs.train_student")
+                        help="runs: GPU counts; N:nosync adds --no-sync-steps, N:bf16 --grad-reduce bf16, "
+                             "N:ray uses jobs.train_student")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="per-GPU dense bf16 peak for MFU (H100/H200 SXM datasheet: 989)")
     parser.add_argument("--clips", type=int, default=2048)
@@ -114,20 +116,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for spec in args.gpus.split(","):
         gpus, _, mode = spec.partition(":")
-        if mode not in ("", "nosync", "ray"):
-            parser.error(f"--gpus {spec}: the mode after ':' is nosync or ray")
+        if mode not in ("", "nosync", "bf16", "ray"):
+            parser.error(f"--gpus {spec}: the mode after ':' is nosync, bf16 or ray")
         metrics = run(store, args.out / f"run-{spec.replace(':', '-')}", int(gpus), mode, args)
         rows.append(summarise(metrics, int(gpus), mode, args.skip))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["clips_per_s"] / rows[0]["gpus"] if rows[0]["clips_per_s"] else None
-    print("| GPUs | launcher | per-step sync | clips/s | per GPU vs first row | MFU | data wait "
+    print("| GPUs | launcher | per-step sync | grad all-reduce | clips/s | per GPU vs first row | MFU | data wait "
           "| at epoch boundaries: clips/s | data wait |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         eff = r["clips_per_s"] / r["gpus"] / base if base and r["clips_per_s"] else None
         r["mfu"] = r["clips_per_s"] * flops / (r["gpus"] * args.peak_tflops * 1e12) if r["clips_per_s"] else None
         fmt = lambda v, f: format(v, f) if v is not None else "–"   # noqa: E731
-        print(f"| {r['gpus']} | {r['launcher']} | {'yes' if r['sync_steps'] else 'no'} | "
+        print(f"| {r['gpus']} | {r['launcher']} | {'yes' if r['sync_steps'] else 'no'} | {r['grad_reduce']} | "
               f"{fmt(r['clips_per_s'], '.0f')} | {fmt(eff, '.2f')} | {fmt(r['mfu'], '.3f')} | "
               f"{fmt(r['data_wait'], '.3f')} | "
               f"{fmt(r['boundary_clips_per_s'], '.0f')} | {fmt(r['boundary_data_wait'], '.3f')} |")

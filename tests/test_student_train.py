@@ -125,6 +125,10 @@ def test_ddp_two_gloo_processes_and_their_exact_resume(store_root, tmp_path):
     assert all(torch.equal(final[k], wb[k]) for k in final)
     for r in range(2):
         assert (a / f"samples-rank{r}.jsonl").read_text() == (b / f"samples-rank{r}.jsonl").read_text()
+    # A bf16 gradient all-reduce is NCCL's (DDP's hook refuses gloo): CPU ranks say so before step 1.
+    with pytest.raises(AssertionError, match=r"--grad-reduce bf16: DDP's bf16 all-reduce needs CUDA ranks"):
+        _torchrun(store_root, tmp_path / "c", "--grad-reduce", "bf16")
+    assert not (tmp_path / "c" / "checkpoints").exists()
 
 
 def test_eval_fraction_must_be_a_level_the_manifest_counts(store_root, tmp_path, capsys):
