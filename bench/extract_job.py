@@ -9,10 +9,12 @@ default on GPUs). Per run MODE:GPUS, `jobs.extract` (views 2, 1-4 fps, WebDatase
 Ray of GPUS GPUs and --cpus-per-gpu CPUs each; the machine's CPU-seconds (/proc/stat, every
 process) are read around the run.
 
-The object store is capped (--object-store-gb): decode runs ahead while the teachers load and
-compile, and an uncapped store on a big node holds more decoded clips than a short run has, so
-every run would read as teacher-bound. The job's `teacher_busy_timeline` shows when the head start
-was used up; its last windows are the steady state.
+Decode runs ahead while the teachers load and compile, so a short run reads as teacher-bound. Two
+things keep that head start short: an unmeasured warm-up job on --warmup-videos first fills
+torch's compile cache (the measured runs' teachers start in seconds, not a minute), and
+--object-store-gb can cap what decode may buffer (Ray's default otherwise; a cap too small for the
+in-flight batches stalls the pipeline: see bench/RESULTS.md). The job's `teacher_busy_timeline`
+shows when the head start was used up; its later windows are the steady state.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
     from jobs.extract import ExtractConfig, extract
 
     cpus = max(gpus, 1) * args.cpus_per_gpu
-    ray.init(address="local", num_gpus=gpus, num_cpus=cpus,
-             object_store_memory=int(args.object_store_gb * 1e9), include_dashboard=False)
+    store_bytes = int(args.object_store_gb * 1e9) if args.object_store_gb else None
+    ray.init(address="local", num_gpus=gpus, num_cpus=cpus, object_store_memory=store_bytes, include_dashboard=False)
     try:
         cfg = ExtractConfig(input=str(inputs), output=str(out), teacher=str(teacher), views=2, fps=(1.0, 4.0),
                             formats=("webdataset",), decode_device=mode, ray_address="auto")
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each synthetic video")
     parser.add_argument("--cpus-per-gpu", type=int, default=16, help="Ray CPUs per GPU (per run without GPUs)")
-    parser.add_argument("--object-store-gb", type=float, default=8.0)
+    parser.add_argument("--object-store-gb", type=float, help="cap on Ray's object store (default: Ray's own)")
+    parser.add_argument("--warmup-videos", type=int, default=4, help="videos of the unmeasured warm-up job (0: none)")
     parser.add_argument("--shape", choices=("internvit-300m", "tiny"), default="internvit-300m")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -106,6 +109,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "cuda" if torch.cuda.is_available() else "cpu"))
         inputs = make_inputs(work, args.videos, args.copies, args.seconds)
         print(f"inputs: {len(list(inputs.iterdir()))} videos", flush=True)
+        if args.warmup_videos:
+            warmup = work / "warmup"
+            warmup.mkdir()
+            for path in sorted((work / "originals").iterdir())[:args.warmup_videos]:
+                os.link(path, warmup / path.name)
+            mode, _, gpus = args.runs.split(",")[0].partition(":")
+            print("warm-up:", json.dumps(run(warmup, teacher, work / "store-warmup", mode, int(gpus or 0), args)),
+                  flush=True)
         for spec in args.runs.split(","):
             mode, _, gpus = spec.partition(":")
             rows.append(run(inputs, teacher, work / f"store-{mode}-{gpus}", mode, int(gpus or 0), args))

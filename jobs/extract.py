@@ -86,7 +86,8 @@ class ExtractConfig:
         "235 with 8, 258 with 12)")})
     decode_cpu_slots: int | None = field(default=None, metadata={"min": 0, "max": 256, "help": (
         "with --decode-device auto: videos decoded by ffmpeg at once in each GPU's decode actor; default the "
-        "cluster's CPUs per GPU less the teacher's and one, capped by half of a GPU's share of the memory")})
+        "cluster's CPUs per GPU less the teacher's and 3 for the encode and write stages, capped by half of a GPU's "
+        "share of the memory")})
     decode_memory: str | None = field(default=None, metadata={
         "bytes": True, "min": 1, "help": "memory reserved per decode task; default what one needs at the largest "
                                          "allowed frame (pipeline.video.decode_memory)"})
@@ -256,6 +257,11 @@ class DecodePlan:
 # slots: an actor asking for more than a node has is never placed, and the job would wait for it.
 DECODE_MEMORY_SHARE = 0.5
 
+# Ray CPUs per GPU the default CPU slots leave to the stages after the teacher (JPEG encode and write
+# tasks take one each). With one left, on the H200 x2 the decode actor and teacher held 16 of 16, the
+# write stage ran one task at a time, and the teacher did 55 of its 150 clips/s (bench/RESULTS.md).
+DOWNSTREAM_CPUS = 3
+
 
 def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
     """--decode-device against the cluster's resources (ray.cluster_resources()). Every call of the
@@ -270,8 +276,8 @@ def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
     slots = 0
     if cfg.decode_device == "auto":
         slots = cfg.decode_cpu_slots
-        if slots is None:      # the CPUs beside the teacher, as many as half the memory holds
-            by_cpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - 1
+        if slots is None:      # the CPUs beside the teacher and the later stages, as many as half the memory holds
+            by_cpu = int(resources.get("CPU", 0)) // gpus - math.ceil(cfg.teacher_cpus) - DOWNSTREAM_CPUS
             by_memory = int(DECODE_MEMORY_SHARE * resources.get("memory", 0) / gpus // call_memory) - cfg.nvdec_sessions
             slots = max(0, min(by_cpu, by_memory))
     return DecodePlan(on_gpu=True, gpus=gpus, sessions=cfg.nvdec_sessions, cpu_slots=slots,
