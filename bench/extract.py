@@ -546,11 +546,11 @@ class _Consumer:
 
 def jpeg_seconds_per_clip(frames: np.ndarray, seconds: float = 2.0) -> float:
     """One core's seconds to JPEG-encode one decoded clip (the store's default frame encoding)."""
-    from pipeline.stages import encode_frames
+    from pipeline.stages import encoded_frames
 
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        encode_frames({"frames": frames})
+        encoded_frames(frames)
         n += len(frames)
     return (time.perf_counter() - start) / n
 
@@ -600,7 +600,7 @@ def part_decode(cfg: BenchConfig, path: Path, shape: dict, device: torch.device,
 def part_ray(cfg: BenchConfig, work: Path) -> list:
     """CPU: jobs.extract on a local Ray vs the same stages chained in this process, same inputs."""
     from jobs.extract import ExtractConfig, extract, store_schema
-    from pipeline.stages import DecodeOptions, TeacherStage, decode_video, encode_frames, write_shards
+    from pipeline.stages import DecodeOptions, TeacherStage, decode_videos, write_shards
     from pipeline.store import StoreWriter, open_store
     from pipeline.testing import make_tiny_teacher
 
@@ -628,15 +628,11 @@ def part_ray(cfg: BenchConfig, work: Path) -> list:
 
     store = StoreWriter(local_cfg.output, store_schema(local_cfg, describe_teacher(local_cfg, "float32")))
     store.prepare()
-    stage = TeacherStage(str(teacher), compression=Compression(), device="cpu", dtype="float32")
-    options = DecodeOptions(clip_spec=clip_spec(local_cfg), size=local_cfg.size, seed=local_cfg.seed)
-
-    def batches():
-        for uri in videos:
-            for batch in decode_video(uri, options):
-                yield encode_frames(stage(batch))
-
-    write_shards(store, batches(), shard_bytes=512 * 10 ** 6)
+    stage = TeacherStage(str(teacher), compression=Compression(), device="cpu", dtype="float32", keep_frames=False)
+    options = DecodeOptions(clip_spec=clip_spec(local_cfg), size=local_cfg.size, seed=local_cfg.seed,
+                            frame_encoding=local_cfg.frame_encoding, quality=local_cfg.jpeg_quality)
+    decoded = decode_videos({"video_uri": videos, "skip": [[] for _ in videos]}, options=options, store=store)
+    write_shards(store, (stage(batch) for batch in decoded), shard_bytes=512 * 10 ** 6)
     store.finalise()
     local_wall = time.perf_counter() - t0
     local_clips = open_store(local_cfg.output).num_clips

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from jobs.cluster import connect
 from pipeline.config import ConfigError, check_config, log_to_stderr, parse_bytes, parse_config, to_dict
-from pipeline.stages import (DecodeOptions, GpuDecodeStage, TeacherStage, WriteSummary, decode_videos, encode_frames,
+from pipeline.stages import (DecodeOptions, GpuDecodeStage, TeacherStage, WriteSummary, decode_videos,
                              list_videos, write_shards)
 from pipeline.store import StoreError, StoreWriter, make_schema
 from pipeline.store.lease import Lease
@@ -86,8 +86,8 @@ class ExtractConfig:
         "235 with 8, 258 with 12)")})
     decode_cpu_slots: int | None = field(default=None, metadata={"min": 0, "max": 256, "help": (
         "with --decode-device auto: videos decoded by ffmpeg at once in each GPU's decode actor; default the "
-        "cluster's CPUs per GPU less the teacher's and 3 for the encode and write stages, capped by half of a GPU's "
-        "share of the memory")})
+        "cluster's CPUs per GPU less the teacher's and 2 for the write stage, capped by half of a GPU's share of "
+        "the memory")})
     decode_memory: str | None = field(default=None, metadata={
         "bytes": True, "min": 1, "help": "memory reserved per decode task; default what one needs at the largest "
                                          "allowed frame (pipeline.video.decode_memory)"})
@@ -257,10 +257,11 @@ class DecodePlan:
 # slots: an actor asking for more than a node has is never placed, and the job would wait for it.
 DECODE_MEMORY_SHARE = 0.5
 
-# Ray CPUs per GPU the default CPU slots leave to the stages after the teacher (JPEG encode and write
-# tasks take one each). With one left, on the H200 x2 the decode actor and teacher held 16 of 16, the
-# write stage ran one task at a time, and the teacher did 55 of its 150 clips/s (bench/RESULTS.md).
-DOWNSTREAM_CPUS = 3
+# Ray CPUs per GPU the default CPU slots leave to the write stage (a task takes one) and Ray Data's
+# own work. With one left, on the H200 x2 the decode actor and teacher held 16 of 16, the encode and
+# write stages (encoding has since moved into decode) ran one task at a time, and the teacher did 55
+# of its 150 clips/s (bench/RESULTS.md).
+DOWNSTREAM_CPUS = 2
 
 
 def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
@@ -295,8 +296,8 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
     ctx.enable_progress_bars = True
     threads = max(1, math.ceil(cfg.decode_cpus))
     options = DecodeOptions(clip_spec=clip_spec(cfg), size=cfg.size, seed=cfg.seed, timeout=cfg.decode_timeout,
-                            policy=input_policy(cfg), threads=threads,
-                            chunk_clips=cfg.chunk_clips)
+                            policy=input_policy(cfg), threads=threads, chunk_clips=cfg.chunk_clips,
+                            frame_encoding=cfg.frame_encoding, quality=cfg.jpeg_quality)
     actors = cfg.teacher_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1) or 1
     batch = teacher_batch_clips(cfg)
     compile_teacher = use_gpu if cfg.teacher_compile is None else cfg.teacher_compile
@@ -324,9 +325,7 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
             "revision": cfg.teacher_revision, "image_size": cfg.teacher_image_size,
             "device": "cuda" if use_gpu else "cpu", "dtype": teacher_dtype,
             "frames_per_forward": cfg.frames_per_forward, "compile": compile_teacher, "expect": store.schema["teacher"],
-            "store": store})
-    ds = ds.map_batches(encode_frames, batch_size=batch, batch_format="numpy",
-                        fn_kwargs={"encoding": cfg.frame_encoding, "quality": cfg.jpeg_quality})
+            "store": store, "keep_frames": False})
     sink = _datasink(store, parse_bytes(cfg.shard_bytes), cfg.zarr_shard_clips)
     ds.write_datasink(sink)
     return sink.summary

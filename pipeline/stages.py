@@ -1,9 +1,11 @@
-"""The extraction stages as plain Python: decode -> teacher + compression -> encode frames -> write.
+"""The extraction stages as plain Python: decode (+ encode frames) -> teacher + compression -> write.
 
 jobs.extract wraps each in a Ray Data operator; here they are callable without Ray so that tests,
 benchmarks (the same stages in one process) and small datasets need no cluster. Batches are dicts of
 numpy columns, Ray Data's "numpy" batch format. A clip row carries compact data only: its frames at
-the store's size (never the whole decoded video) and, after the teacher, its compressed target.
+the store's size (never the whole decoded video), encoded for the store as soon as they are decoded,
+and after the teacher only those bytes and its compressed target (the raw frames, ten times larger,
+stop at the teacher).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class DecodeOptions:
     policy: Any = None                 # pipeline.video.InputPolicy: what an input may make us do; None: defaults
     threads: int = 1                   # ffmpeg threads per decode: the CPUs the task reserves
     decoder: str = "ffmpeg"            # "ffmpeg" (CPU) or "nvdec": tried first, ffmpeg for what NVDEC cannot take
+    # Encode each clip's frames for the store here (jpg, png, npy; None: leave that to the caller),
+    # beside the raw frames the teacher reads: the rows after the teacher then carry the encoded
+    # bytes only, about a tenth of the raw frames, through the object store to the writer.
+    frame_encoding: str | None = None
+    quality: int = 90
 
 
 def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -182,6 +189,8 @@ def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
         try:
             for clips in decode_video(str(uri), options, list(good)):
                 good.extend(clips["clip_id"].tolist())
+                if options.frame_encoding is not None:
+                    clips.update(encoded_frames(clips["frames"], options.frame_encoding, options.quality))
                 yield clips
         except VideoError as e:
             store.commit_errors([error_row(e, good)])
@@ -282,7 +291,10 @@ class TeacherStage:
     def __init__(self, teacher: str, *, compression: Any, target_dtype: str = "float16", layer: int = -1,
                  head: str = "none", revision: str | None = None, image_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, frames_per_forward: int = 256,
-                 compile: bool = False, expect: Mapping | None = None, store: StoreWriter | None = None):
+                 compile: bool = False, expect: Mapping | None = None, store: StoreWriter | None = None,
+                 keep_frames: bool = True):
+        """keep_frames=False: the output rows leave the raw frames out (the job's decode stage has
+        already encoded them for the store)."""
         from pipeline.teacher import Teacher
 
         if target_dtype not in TARGET_DTYPES:
@@ -298,6 +310,7 @@ class TeacherStage:
         self.compression = compression
         self.target_dtype = target_dtype
         self.store = store
+        self.keep_frames = keep_frames
         self.actor = uuid.uuid4().hex[:12]
         self.busy = BusyClock()
         self.ready = time.time()
@@ -343,6 +356,8 @@ class TeacherStage:
             self._reject(batch, ~finite)
             batch = {k: v[finite] for k, v in batch.items()}
             target = target[finite]
+        if not self.keep_frames:
+            del batch["frames"]
         n = len(target)
         batch["target"] = target
         batch["teacher_actor"] = np.array([self.actor] * n)
@@ -354,12 +369,10 @@ class TeacherStage:
 
 # ---------------------------------------------------------------- frame encoding
 
-def encode_frames(batch: dict[str, np.ndarray], *, encoding: str = "jpg", quality: int = 90) -> dict[str, np.ndarray]:
-    """Raw frames -> one bytes column per frame, so the rows that travel to the writer are compact."""
-    frames = batch.pop("frames")
-    for i in range(frames.shape[1]):
-        batch[frame_column(i)] = np.array([encode_frame(f, encoding, quality) for f in frames[:, i]], dtype=object)
-    return batch
+def encoded_frames(frames: np.ndarray, encoding: str = "jpg", quality: int = 90) -> dict[str, np.ndarray]:
+    """Clips' raw frames [clips, T, H, W, 3] -> one column of encoded bytes per frame position."""
+    return {frame_column(i): np.array([encode_frame(f, encoding, quality) for f in frames[:, i]], dtype=object)
+            for i in range(frames.shape[1])}
 
 
 # ---------------------------------------------------------------- writing

@@ -15,7 +15,7 @@ from pipeline.clips import ClipSpec
 from pipeline.compress import Compression
 from pipeline.config import parse_bytes, parse_config
 from pipeline.stages import (BUSY_WINDOW_S, BusyClock, DecodeOptions, TeacherStage, WriteSummary, decode_videos,
-                             encode_frames, list_videos, stored_target, write_shards)
+                             list_videos, stored_target, write_shards)
 from pipeline.store import StoreError, StoreWriter, decode_target, encode_target, open_store
 
 
@@ -64,19 +64,31 @@ def test_config_flags():
 
 
 def test_the_stages_run_in_one_process(folder, tmp_path):
-    """decode -> teacher -> encode -> write without Ray; a bad input becomes an error row."""
+    """decode (+ frame encoding) -> teacher -> write without Ray, as the job chains them; a bad input
+    becomes an error row."""
+    from pipeline.store import decode_frame, frame_column
     from pipeline.testing import make_tiny_teacher
 
     teacher = str(make_tiny_teacher(tmp_path / "teacher", "dinov2", image_size=56, hidden_size=32))
     cfg = ExtractConfig(input=str(folder), output=str(tmp_path / "store"), teacher=teacher, size=64,
-                        compression="avg", factors=(2, 2, 2), views=2, formats=("webdataset",))
-    stage = TeacherStage(teacher, compression=Compression("avg", (2, 2, 2)), device="cpu", dtype="float32")
+                        compression="avg", factors=(2, 2, 2), views=2, formats=("webdataset",), frame_encoding="png")
+    stage = TeacherStage(teacher, compression=Compression("avg", (2, 2, 2)), device="cpu", dtype="float32",
+                         keep_frames=False)
     store = StoreWriter(cfg.output, store_schema(cfg, stage.teacher.describe()))
     store.prepare()
-    options = DecodeOptions(clip_spec=ClipSpec(frames=4, views=2), size=64, chunk_clips=2)
+    options = DecodeOptions(clip_spec=ClipSpec(frames=4, views=2), size=64, chunk_clips=2, frame_encoding="png")
     videos = list_videos(cfg.input).to_pylist()
     batches = decode_videos({"video_uri": videos, "skip": [[] for _ in videos]}, options=options, store=store)
-    summary = write_shards(store, (encode_frames(stage(b)) for b in batches), shard_bytes=1 << 30)
+
+    def teacher_stage(batch):
+        seen = batch["frames"].copy()
+        out = stage(batch)
+        assert "frames" not in out       # the raw frames stop at the teacher; the store gets the encoded ones
+        for i in range(seen.shape[1]):   # ... which are what the teacher saw (PNG: bit for bit)
+            assert all(np.array_equal(decode_frame(b, "png"), f) for b, f in zip(out[frame_column(i)], seen[:, i]))
+        return out
+
+    summary = write_shards(store, (teacher_stage(b) for b in batches), shard_bytes=1 << 30)
     schema = store.finalise(written=summary.shards)
     out = open_store(cfg.output)
     assert out.num_clips == summary.clips == schema["summary"]["clips"] > 0

@@ -167,10 +167,10 @@ def test_decode_plan_follows_the_flag_and_the_cluster():
 
     big = {"CPU": 32, "GPU": 2, "memory": 512 * 2**30}
     assert not plan([], {"CPU": 16, "memory": 64 * 2**30}).on_gpu                 # auto without GPUs: CPU tasks
-    auto = plan([], big)                           # 16 CPUs a GPU: 1 for the teacher, 3 for encode and write
-    assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 8, 12, False)
+    auto = plan([], big)                           # 16 CPUs a GPU: 1 for the teacher, 2 for the write stage
+    assert (auto.on_gpu, auto.gpus, auto.sessions, auto.cpu_slots, auto.require_nvdec) == (True, 2, 8, 13, False)
     call = decode_task_memory(cfg, 1)
-    assert auto.memory == (8 + 12) * call          # any call may fall back to ffmpeg
+    assert auto.memory == (8 + 13) * call          # any call may fall back to ffmpeg
     # a GPU's half of the memory holds fewer ffmpeg slots than it has CPUs: the slots follow the memory
     small = plan([], {**big, "memory": 2 * 2 * 20 * call})      # half a GPU's share: 20 calls
     assert (small.cpu_slots, small.memory) == (20 - 8, 20 * call)
