@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +90,8 @@ class DecodeOptions:
     quality: int = 90
 
 
-def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
+def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = (),
+                 on_cpu: Callable[[], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches of at most `chunk_clips` clips of one video, leaving out the clip ids in `skip`.
 
     Clips go in time order (sequential reads). Raises VideoError for a bad input, after yielding
@@ -100,7 +101,8 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
     videos from partial ones.
 
     With options.decoder "nvdec", a video NVDEC cannot decode exactly (pipeline.nvdec) is decoded
-    by ffmpeg from that chunk on, with ffmpeg's typed errors; each clip row names its decoder."""
+    by ffmpeg from that chunk on, with ffmpeg's typed errors; each clip row names its decoder, and
+    `on_cpu` is called when that happens (the caller hands its NVDEC session to the next video)."""
     from pipeline.clips import decode_clips, plan_clips
     from pipeline.video import DEFAULT_POLICY, probe, video_id
 
@@ -117,6 +119,8 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
         if reason is not None:
             log.info("%s: decoded on the CPU: %s", uri, reason)
             decoder = "ffmpeg"
+            if on_cpu is not None:
+                on_cpu()
 
     def decode(chunk):
         nonlocal decoder
@@ -132,6 +136,8 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = ()) -> 
                 raise
             log.warning("%s: NVDEC failed (%s: %s); decoding it on the CPU", uri, type(e).__name__, e)
             decoder = "ffmpeg"
+            if on_cpu is not None:
+                on_cpu()
             return decode(chunk)
 
     for i in range(0, len(todo), options.chunk_clips):
@@ -180,14 +186,14 @@ def error_row(error: VideoError, good_clips: Iterable[str] = ()) -> dict[str, An
             "message": error.message, "good_clips": list(good_clips)}
 
 
-def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions,
-                  store: StoreWriter) -> Iterator[dict[str, np.ndarray]]:
+def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions, store: StoreWriter,
+                  on_cpu: Callable[[], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode stage over a batch of {video_uri, skip}: clip batches out; a bad video becomes a
     committed error row (recorded once, never raised) and the stage goes on with the next one."""
     for uri, skip in zip(batch["video_uri"], batch["skip"]):
         good = [str(s) for s in skip]
         try:
-            for clips in decode_video(str(uri), options, list(good)):
+            for clips in decode_video(str(uri), options, list(good), on_cpu):
                 good.extend(clips["clip_id"].tolist())
                 if options.frame_encoding is not None:
                     clips.update(encoded_frames(clips["frames"], options.frame_encoding, options.quality))
@@ -220,13 +226,24 @@ class GpuDecodeStage:
         self.sessions = threading.BoundedSemaphore(sessions) if sessions else None
 
     def __call__(self, batch: Mapping[str, Sequence]) -> Iterator[dict[str, np.ndarray]]:
-        on_gpu = self.sessions is not None and self.sessions.acquire(blocking=self.cpu_slots == 0)
-        options = replace(self.options, decoder="nvdec" if on_gpu else "ffmpeg")
-        try:
-            yield from decode_videos(batch, options=options, store=self.store)
-        finally:
-            if on_gpu:
-                self.sessions.release()
+        """One video at a time, each with an NVDEC session if one is free; a video that falls back to
+        ffmpeg hands its session back at once (its thread goes on decoding on the CPU, so the actor
+        never runs more calls than its sessions and slots)."""
+        for uri, skip in zip(batch["video_uri"], batch["skip"]):
+            held = self.sessions is not None and self.sessions.acquire(blocking=self.cpu_slots == 0)
+
+            def hand_back() -> None:
+                nonlocal held
+                if held:
+                    held = False
+                    self.sessions.release()
+
+            options = replace(self.options, decoder="nvdec" if held else "ffmpeg")
+            try:
+                yield from decode_videos({"video_uri": [uri], "skip": [skip]}, options=options, store=self.store,
+                                         on_cpu=hand_back)
+            finally:
+                hand_back()
 
 
 # ---------------------------------------------------------------- teacher + compression

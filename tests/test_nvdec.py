@@ -200,6 +200,32 @@ def test_gpu_decode_stage_without_nvdec(tmp_path):
     assert batches and all(set(b["decoder"]) == {"ffmpeg"} for b in batches)
 
 
+def test_a_video_nvdec_cannot_take_hands_its_session_back(tmp_path):
+    """A call that got an NVDEC session for a video NVDEC cannot take (here MPEG-4 Part 2, known
+    from the probe alone) decodes it with ffmpeg and frees the session before its first clip, so the
+    next video can use NVDEC; the session count is whole again after the call."""
+    import threading
+
+    from pipeline.clips import ClipSpec
+    from pipeline.samples import make_video
+    from pipeline.stages import DecodeOptions, GpuDecodeStage
+    from pipeline.store import StoreWriter
+
+    options = DecodeOptions(clip_spec=ClipSpec(frames=4, views=1, fps_range=(2.0, 2.0)), size=32, chunk_clips=1)
+    stage = GpuDecodeStage(options=options, store=StoreWriter(str(tmp_path / "store"), {"teacher": {}}), sessions=0,
+                           cpu_slots=1, require_nvdec=False)
+    stage.sessions = threading.BoundedSemaphore(1)     # one NVDEC session, as on a GPU node
+    videos = [make_video(tmp_path / f"{i}.mp4", seconds=3.0, fps=10, size=(64, 48), codec="mpeg4") for i in (0, 1)]
+    free_at_each_clip = []
+    for clips in stage({"video_uri": [str(v) for v in videos], "skip": [[], []]}):
+        assert set(clips["decoder"]) == {"ffmpeg"}
+        free_at_each_clip.append(stage.sessions.acquire(blocking=False))
+        if free_at_each_clip[-1]:
+            stage.sessions.release()
+    assert free_at_each_clip == [True, True]             # one clip per video
+    assert stage.sessions.acquire(blocking=False) and not stage.sessions.acquire(blocking=False)
+
+
 @pytest.mark.shared_videos
 @pytest.mark.parametrize("name", ["bottle-detection.mp4", "again.mkv", "hevc.ts", "bear-vp9.webm"])
 def test_the_packets_located_for_nvdec_decode_the_wanted_frames(shared_videos, name):
