@@ -214,6 +214,26 @@ def video_timestamps(info, frames: int) -> list[float]:
     return sample_timestamps(info.duration, frames, available)
 
 
+DECODE_DEVICES = ("auto", "cpu", "gpu")
+
+
+def nvdec_gpu(decode_device: str, device: torch.device) -> int | None:
+    """A decode device (auto, cpu, gpu) resolved for a model on `device`: the CUDA index whose NVDEC
+    decodes the videos (pass to `load_frames(gpu=...)`), or None for ffmpeg. gpu where NVDEC cannot
+    run raises pipeline.nvdec.NvdecUnavailableError naming why; auto then falls back to ffmpeg."""
+    if decode_device not in DECODE_DEVICES:
+        raise ValueError(f"decode device {decode_device!r}: one of {', '.join(DECODE_DEVICES)}")
+    if decode_device == "cpu":
+        return None
+    from pipeline.nvdec import NvdecUnavailableError, unavailable_reason
+
+    index = device.index or 0
+    reason = "the model is on the CPU" if device.type != "cuda" else unavailable_reason(index)
+    if reason is not None and decode_device == "gpu":
+        raise NvdecUnavailableError(f"--decode-device gpu: {reason}")
+    return index if reason is None else None
+
+
 def load_frames(uri: str, frames: int, size: int, timeout: float | None = None, policy=None, gpu: int | None = None):
     """Probe and decode `frames` uniformly sampled frames -> (uint8 [N, size, size, 3], seconds [N]).
     `policy`: a `pipeline.video.InputPolicy` (default: its defaults), the same rules as extraction.

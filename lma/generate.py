@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lma.data import load_frames
+from lma.data import DECODE_DEVICES, load_frames, nvdec_gpu
 from lma.modeling import VideoLLM, resolve_device
 from pipeline.config import parse_config
 from pipeline.errors import VideoError
@@ -33,7 +33,7 @@ class GenerateConfig:
     max_new_tokens: int = field(default=128, metadata={"min": 1})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     decode_timeout: float = field(default=120.0, metadata={"min": 1})
-    decode_device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "gpu"), "help": (
+    decode_device: str = field(default="auto", metadata={"choices": DECODE_DEVICES, "help": (
         "gpu: decode on the model's GPU (NVDEC, frames stay on the GPU; ffmpeg for videos NVDEC cannot take); "
         "cpu: ffmpeg; auto: gpu when the model is on a GPU with NVDEC, else cpu")})
     allow_schemes: tuple[str, ...] = field(default=(), metadata={
@@ -55,17 +55,17 @@ def stage_timer(timings: dict[str, float], name: str, device: torch.device):
 
 @torch.no_grad()
 def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_tokens: int,
-           decode_timeout: float | None = None, policy=None, nvdec: bool = False) -> tuple[str, dict]:
+           decode_timeout: float | None = None, policy=None, nvdec: int | None = None) -> tuple[str, dict]:
     """(answer text, report with per-stage milliseconds and token counts). `policy`: the
-    `pipeline.video.InputPolicy` the video must pass (default: its defaults). `nvdec`: decode on
-    the model's GPU (see `nvdec_gpu`)."""
+    `pipeline.video.InputPolicy` the video must pass (default: its defaults). `nvdec`: the CUDA
+    device whose NVDEC decodes (lma.data.nvdec_gpu), None for ffmpeg."""
     timings: dict[str, float] = {}
     device = model.device
     size = model.config.image_size
     with stage_timer(timings, "decode", device):
         pixels, timestamps = load_frames(video, frames, tuple(size) if isinstance(size, list) else size,
                                          timeout=decode_timeout, policy=policy,
-                                         gpu=(device.index or 0) if nvdec else None)
+                                         gpu=nvdec)
     with stage_timer(timings, "student", device):
         tokens = model.student_tokens(pixels)
     with stage_timer(timings, "projector", device):
@@ -86,28 +86,21 @@ def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_toke
     return text, report
 
 
-def nvdec_gpu(decode_device: str, device: torch.device) -> bool:
-    """--decode-device resolved for a model on `device`: True to decode on its NVDEC. gpu where NVDEC
-    cannot run is an error (SystemExit naming why); auto falls back to ffmpeg."""
-    if decode_device == "cpu":
-        return False
-    from pipeline.nvdec import unavailable_reason
-
-    reason = "the model is on the CPU" if device.type != "cuda" else unavailable_reason(device.index or 0)
-    if reason is not None and decode_device == "gpu":
-        raise SystemExit(f"--decode-device gpu: {reason}")
-    return reason is None
-
-
 def main(argv: list[str] | None = None) -> None:
     from pipeline.video import InputPolicy
+
+    from pipeline.nvdec import NvdecUnavailableError
 
     cfg = parse_config(GenerateConfig, argv)
     model = VideoLLM.from_pretrained(cfg.model, device=resolve_device(cfg.device))
     try:
+        gpu = nvdec_gpu(cfg.decode_device, model.device)
+    except NvdecUnavailableError as err:
+        raise SystemExit(str(err)) from None
+    try:
         text, report = answer(model, cfg.video, cfg.question, cfg.frames or model.config.frames,
                               cfg.max_new_tokens, cfg.decode_timeout, InputPolicy(allow_schemes=cfg.allow_schemes),
-                              nvdec=nvdec_gpu(cfg.decode_device, model.device))
+                              nvdec=gpu)
     except VideoError as err:
         raise SystemExit(f"cannot read video: {type(err).__name__}: {err}") from None
     if cfg.json:

@@ -244,11 +244,12 @@ CHECKS = textwrap.dedent('''
                     "errors": lenient.stats["video_errors"]}
 
     # model_args are checked
-    for kwargs in ({"frame": 8}, {"batch_size": "auto"}, {"dtype": "int8"}, {"video_errors": "skip"}):
+    for kwargs in ({"frame": 8}, {"batch_size": "auto"}, {"dtype": "int8"}, {"video_errors": "skip"},
+                   {"decode_device": "nvdec"}, {"decode_device": "gpu", "device": "cpu"}):
         try:
             LiteFrameVideoLLM(pretrained=model_dir, **kwargs)
             out.setdefault("bad_args", []).append("accepted")
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
             out.setdefault("bad_args", []).append(str(err))
     print("CHECKS " + json.dumps(out))
 ''')
@@ -307,10 +308,12 @@ def test_unreadable_video_stops_the_run_or_answers_empty(checks):
 
 @pytest.mark.slow
 def test_bad_model_args_are_refused(checks):
-    frame, auto, dtype, errors = checks["bad_args"]
+    frame, auto, dtype, errors, decoder, nvdec = checks["bad_args"]
     assert "unknown model_args frame" in frame
     assert "batch_size auto" in auto
     assert "dtype" in dtype and "video_errors" in errors
+    assert "decode device 'nvdec': one of auto, cpu, gpu" in decoder
+    assert nvdec == "--decode-device gpu: the model is on the CPU"     # NVDEC decodes on the model's GPU
 
 
 def test_entry_point_and_task_files_ship_with_the_package():

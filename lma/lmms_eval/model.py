@@ -117,13 +117,14 @@ class LiteFrameVideoLLM(lmms):
     def __init__(self, pretrained: str, frames: int = 0, device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, max_new_tokens: int = 256,
                  decode_timeout: float = 120.0, decode_workers: int = 4, video_cache: int = 8,
-                 video_errors: str = "raise", image_fps: float = 1.0, allow_schemes: str = "", **unknown) -> None:
+                 video_errors: str = "raise", image_fps: float = 1.0, allow_schemes: str = "",
+                 decode_device: str = "auto", **unknown) -> None:
         super().__init__()
         if unknown:
             names = ", ".join(sorted(unknown))
             raise TypeError(f"liteframe: unknown model_args {names}; known: pretrained, frames, dtype, "
                             "max_new_tokens, decode_timeout, decode_workers, video_cache, video_errors, "
-                            "image_fps, allow_schemes")
+                            "image_fps, allow_schemes, decode_device")
         if str(batch_size).startswith("auto"):
             raise ValueError("liteframe: --batch_size auto is not supported; give a number (1 = no batching)")
         self.batch_size_per_gpu = _as_int("batch_size", batch_size, 1)
@@ -151,6 +152,10 @@ class LiteFrameVideoLLM(lmms):
             raise ValueError(f"liteframe: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
+        from lma.data import nvdec_gpu
+
+        # videos decode on the model's GPU (NVDEC; the frames stay there), ffmpeg for what it cannot take
+        self.nvdec = nvdec_gpu(str(decode_device), self._device)
         self.model = VideoLLM.from_pretrained(str(pretrained), device=self._device, dtype=self._dtype)
         self.tokenizer = self.model.tokenizer
         config = self.model.config
@@ -170,7 +175,8 @@ class LiteFrameVideoLLM(lmms):
         self.failed: list[str] = []
         eval_logger.info(f"liteframe: {pretrained} on {self._device} ({self._dtype}), {self.frames} frames per video, "
                          f"batch {self.batch_size_per_gpu}, {config.tokens_per_clip} tokens per "
-                         f"{config.clip_frames}-frame clip, time markers {self.model.markers}")
+                         f"{config.clip_frames}-frame clip, time markers {self.model.markers}, videos decoded by "
+                         f"{'NVDEC' if self.nvdec is not None else 'ffmpeg'}")
 
     # ---- what lmms-eval reads ---------------------------------------------------------------------
     @property
@@ -210,15 +216,16 @@ class LiteFrameVideoLLM(lmms):
             return os.fspath(raw[0])
         return None
 
-    def _decode(self, raw: list) -> tuple[np.ndarray, list[float]]:
-        """uint8 frames [N, S, S, 3] and their times, from one video path or a list of images."""
+    def _decode(self, raw: list) -> tuple[np.ndarray | torch.Tensor, list[float]]:
+        """uint8 frames [N, S, S, 3] (a CUDA tensor when NVDEC decoded them) and their times, from one
+        video path or a list of images."""
         size = self.model.config.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else int(size)
         if len(raw) == 1 and isinstance(raw[0], (str, os.PathLike)):
             from lma.data import load_frames
 
             frames, times = load_frames(os.fspath(raw[0]), self.frames, size, timeout=self.decode_timeout,
-                                        policy=self.policy)
+                                        policy=self.policy, gpu=self.nvdec)
             return frames, list(times)
         if all(_is_image(x) for x in raw):
             return _image_frames(raw, self.frames, size, self.model.config.clip_frames, self.image_fps)
@@ -291,7 +298,7 @@ class LiteFrameVideoLLM(lmms):
                     self._cache.popitem(last=False)
             yield visual
 
-    def _encode(self, frames: np.ndarray, times: list[float]) -> Visual:
+    def _encode(self, frames: np.ndarray | torch.Tensor, times: list[float]) -> Visual:
         """Student → projector; the GPU is synchronised so the time is the work's."""
         start = time.perf_counter()
         embeds = self.model.visual_embeds(frames)
