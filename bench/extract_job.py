@@ -7,7 +7,7 @@ the codec works as on camera footage), each hard-linked --copies times under oth
 draws its own clips). Teacher: InternViT-300M shape, random weights, bf16, compiled (the job's
 default on GPUs). Per run MODE:GPUS, `jobs.extract` (views 2, 1-4 fps, WebDataset) on a fresh local
 Ray of GPUS GPUs and --cpus-per-gpu CPUs each; the machine's CPU-seconds (/proc/stat, every
-process) are read around the run.
+process) are read around the run, and sampled every 5 s with Ray's CPUs and object store in use.
 
 Decode runs ahead while the teachers load and compile, so a short run reads as teacher-bound. Two
 things keep that head start short: an unmeasured warm-up job on --warmup-videos first fills
@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -63,6 +64,34 @@ def make_inputs(directory: Path, videos: int, copies: int, seconds: float) -> Pa
     return inputs
 
 
+class ResourceSampler(threading.Thread):
+    """Every `every` s while a run goes: [seconds since start, machine cores busy, Ray CPUs in use,
+    object store GiB in use], so a slow run shows whether cores, Ray's CPU slots or the object store
+    ran out (Ray Data's progress lines say it too, but only in the log)."""
+
+    def __init__(self, every: float = 5.0):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.halt = every, [], threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        start, last_t, last_cpu = time.time(), time.time(), cpu_seconds()
+        total = ray.cluster_resources()
+        while not self.halt.wait(self.every):
+            now, cpu, free = time.time(), cpu_seconds(), ray.available_resources()
+            self.samples.append([round(now - start, 1), round((cpu - last_cpu) / (now - last_t), 2),
+                                 total.get("CPU", 0) - free.get("CPU", 0),
+                                 round((total.get("object_store_memory", 0) - free.get("object_store_memory", 0))
+                                       / 2**30, 2)])
+            last_t, last_cpu = now, cpu
+
+    def stop(self) -> list[list[float]]:
+        self.halt.set()
+        self.join()
+        return self.samples
+
+
 def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> dict:
     import ray
 
@@ -74,15 +103,22 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
     try:
         cfg = ExtractConfig(input=str(inputs), output=str(out), teacher=str(teacher), views=2, fps=(1.0, 4.0),
                             formats=("webdataset",), decode_device=mode, ray_address="auto")
+        sampler = ResourceSampler()
+        sampler.start()
         before, t0 = cpu_seconds(), time.time()
-        summary = extract(cfg)
+        try:
+            summary = extract(cfg)
+        finally:
+            samples = sampler.stop()
         cpu, wall = cpu_seconds() - before, time.time() - t0
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)      # runs of 10^4 clips write GBs
     clips = summary["clips_written"]
     return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
-            "cpu_s_per_clip": cpu / clips if clips else None, **summary}
+            "cpu_s_per_clip": cpu / clips if clips else None, **summary,
+            "resources": {"columns": ["s", "machine_cores_busy", "ray_cpus_used", "object_store_gib"],
+                          "samples": samples}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -1,0 +1,39 @@
+"""The extraction benches the GPU runs use stay runnable on a CPU (tiny teacher, short videos): a
+broken bench would cost device time. Speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_extract_job_bench_runs_the_job_and_samples_resources(tmp_path):
+    out = tmp_path / "job.json"
+    _bench("extract_job.py", "--runs", "cpu:0", "--videos", "2", "--copies", "2", "--seconds", "4", "--shape", "tiny",
+           "--cpus-per-gpu", "2", "--warmup-videos", "0", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mode"] == "cpu" and row["videos_ok"] == 4 and row["clips_written"] == row["store_clips"] > 0
+    assert row["clips_by_decoder"] == {"ffmpeg": row["clips_written"]} and row["cpu_s_per_clip"] > 0
+    assert row["teacher_busy_timeline"].startswith("per 30 s: ")
+    samples = row["resources"]["samples"]
+    assert samples and all(len(s) == 4 and 0 <= s[2] <= 2 for s in samples)    # at most the run's 2 Ray CPUs
+
+
+def test_extract_scaling_bench_runs_one_process_per_device(tmp_path):
+    out = tmp_path / "scaling.json"
+    _bench("extract_scaling.py", "--gpus", "2", "--shape", "tiny", "--seconds", "1", "--batch-frames", "8",
+           "--frames-per-forward", "8", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["phase_gpus"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert all(r["clips"] > 0 for r in rows)
