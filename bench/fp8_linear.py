@@ -1,16 +1,26 @@
 """Where an FP8 linear spends its time: bf16 nn.Linear vs pipeline.fp8.FP8Linear (eager, compiled),
 the `_scaled_mm` GEMM alone and the per-row activation quantisation alone, at the InternViT-300M
-teacher's shapes for 256 frames (M = 256 x 1025 tokens). Needs a CUDA GPU with FP8 (sm_89+).
+teacher's shapes for 256 frames (M = 256 x 1025 tokens). Then one compiled `vitb` student block at
+full resolution for 256 frames (64 clips x 4 frames x 32 x 32 tokens), as the latency path runs it:
+bf16 with fc1's bias + GELU in the matmul epilogue, against FP8 on every linear, on the attention's
+(qkv, proj: their inputs' quantisation fuses into LayerNorm and the attention output) or on the MLP's
+only (fc1's FP8 GEMM loses the GELU epilogue, and fc2's input is the 4x-wide hidden tensor).
+Needs a CUDA GPU with FP8 (sm_89+).
 
-    PYTHONPATH=. python3 bench/fp8_linear.py
+    python3 bench/fp8_linear.py
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from pipeline.fp8 import FP8Linear, quantize_rows
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository before bench/ (bench/student.py)
+
+from pipeline.fp8 import FP8Linear, convert_linears, quantize_rows, require_fp8  # noqa: E402
 
 M = 256 * 1025
 SHAPES = ((1024, 3072), (1024, 4096), (4096, 1024))   # qkv, fc1, fc2 as (K, N)
@@ -29,8 +39,38 @@ def cuda_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
+def student_block(fp8: str) -> nn.Module:
+    """A vitb block (random weights) in bf16, its linears FP8 where `fp8` says: none, all, attention, mlp."""
+    from student.modeling import Block
+    from student.presets import preset_config
+
+    torch.manual_seed(0)
+    block = Block(preset_config("vitb")).cuda().bfloat16().eval()
+    block.mlp.fused_gelu = fp8 in ("none", "attention")      # the epilogue needs fc1 in bf16
+    parts = {"none": [], "all": [block], "attention": [block.attn], "mlp": [block.mlp]}[fp8]
+    for part in parts:
+        convert_linears(part, fast_accum=True)                # as FastEncoder(fp8=True) converts
+    return block
+
+
+@torch.inference_mode()
+def blocks() -> None:
+    x = torch.randn(64, 4, 32, 32, 768, device="cuda", dtype=torch.bfloat16)
+    ref = None
+    print("| vitb block, 256 frames | ms | vs bf16 | output cosine vs bf16 |")
+    print("|---|---:|---:|---:|")
+    for fp8 in ("none", "all", "attention", "mlp"):
+        block = torch.compile(student_block(fp8), dynamic=False)
+        ms = cuda_ms(lambda: block(x))
+        out = block(x).float().flatten()
+        ref = (ms, out) if ref is None else ref
+        cos = torch.nn.functional.cosine_similarity(out, ref[1], dim=0).item()
+        print(f"| FP8 linears: {fp8} | {ms:.2f} | {ref[0] / ms:.2f}x | {cos:.5f} |", flush=True)
+
+
 @torch.inference_mode()
 def main() -> None:
+    require_fp8(torch.device("cuda"))
     quantize = torch.compile(quantize_rows)
     print("| K | N | bf16 ms | fp8 accumulate | fp8 eager ms | fp8 compiled ms | GEMM alone ms | GEMM TFLOP/s | quantise ms |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
@@ -48,6 +88,7 @@ def main() -> None:
             print(f"| {k} | {n} | {bf16:.2f} | {'fast' if fast else 'float32'} | {cuda_ms(lambda: fp8(x)):.2f} | "
                   f"{cuda_ms(lambda: compiled(x)):.2f} | {gemm:.2f} | {flop / gemm / 1e9:.0f} | "
                   f"{cuda_ms(lambda: quantize(x)):.2f} |", flush=True)
+    blocks()
 
 
 if __name__ == "__main__":
