@@ -14,7 +14,8 @@ things keep that head start short: an unmeasured warm-up job on --warmup-videos 
 torch's compile cache (the measured runs' teachers start in seconds, not a minute), and
 --object-store-gb can cap what decode may buffer (Ray's default otherwise; a cap too small for the
 in-flight batches stalls the pipeline: see bench/RESULTS.md). The job's `teacher_busy_timeline`
-shows when the head start was used up; its later windows are the steady state.
+shows when the head start was used up; its `second_half` (the later half of those windows) is the
+steady state, and the bench divides the machine's cores busy then by the clips/s then.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def make_inputs(directory: Path, videos: int, copies: int, seconds: float) -> Pa
 
 
 class ResourceSampler(threading.Thread):
-    """Every `every` s while a run goes: [seconds since start, machine cores busy, Ray CPUs in use,
-    object store GiB in use], so a slow run shows whether cores, Ray's CPU slots or the object store
-    ran out (Ray Data's progress lines say it too, but only in the log)."""
+    """Every `every` s while a run goes: [unix time, machine cores busy, Ray CPUs in use, object store
+    GiB in use], so a slow run shows whether cores, Ray's CPU slots or the object store ran out (Ray
+    Data's progress lines say it too, but only in the log)."""
 
     def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
@@ -76,11 +77,11 @@ class ResourceSampler(threading.Thread):
     def run(self) -> None:
         import ray
 
-        start, last_t, last_cpu = time.time(), time.time(), cpu_seconds()
+        last_t, last_cpu = time.time(), cpu_seconds()
         total = ray.cluster_resources()
         while not self.halt.wait(self.every):
             now, cpu, free = time.time(), cpu_seconds(), ray.available_resources()
-            self.samples.append([round(now - start, 1), round((cpu - last_cpu) / (now - last_t), 2),
+            self.samples.append([round(now, 1), round((cpu - last_cpu) / (now - last_t), 2),
                                  total.get("CPU", 0) - free.get("CPU", 0),
                                  round((total.get("object_store_memory", 0) - free.get("object_store_memory", 0))
                                        / 2**30, 2)])
@@ -117,8 +118,18 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
     clips = summary["clips_written"]
     return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
             "cpu_s_per_clip": cpu / clips if clips else None, **summary,
-            "resources": {"columns": ["s", "machine_cores_busy", "ray_cpus_used", "object_store_gib"],
+            "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("second_half"), samples),
+            "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib"],
                           "samples": samples}}
+
+
+def steady_cpu_per_clip(late: dict | None, samples: list[list[float]]) -> float | None:
+    """Machine CPU-seconds per clip over the job's second half (its `second_half`): the cores busy
+    in the samples taken then, over the clips/s the teachers finished then."""
+    cores = [s[1] for s in samples if late and s[0] >= late["from_unix_time"]]
+    if not cores or not late["clips_per_second"]:
+        return None
+    return sum(cores) / len(cores) / late["clips_per_second"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -161,12 +172,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
                                                  "cpus": os.cpu_count(), "commit": os.environ.get("COMMIT")}, indent=1))
     print("| decode | GPUs | CPUs | clips | by decoder | clips/s (teacher ready) | teacher busy | busy timeline "
-          "| machine CPU-s per clip |")
-    print("|---|---:|---:|---:|---|---:|---:|---|---:|")
+          "| machine CPU-s per clip | second half: clips/s | teacher busy | CPU-s per clip |")
+    print("|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
+        late = r["second_half"] or {}
+        steady = r["steady_cpu_s_per_clip"]
         print(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['clips_written']} | {r['clips_by_decoder']} | "
               f"{r['clips_per_second_teacher_ready']} | {r['teacher_busy_fraction']} | {r['teacher_busy_timeline']} | "
-              f"{r['cpu_s_per_clip']:.3f} |")
+              f"{r['cpu_s_per_clip']:.3f} | {late.get('clips_per_second')} | {late.get('teacher_busy')} | "
+              f"{'–' if steady is None else format(steady, '.3f')} |")
     return rows
 
 

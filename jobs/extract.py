@@ -368,7 +368,8 @@ def extract(cfg: ExtractConfig) -> dict:
         lease.release()
     totals = final["summary"]
     busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
-    width, timeline = summary.busy_timeline()
+    timeline = summary.timeline()
+    late = timeline.second_half()
     return {
         "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": done,
         "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
@@ -383,7 +384,11 @@ def extract(cfg: ExtractConfig) -> dict:
         "clips_by_decoder": dict(sorted(summary.decoders.items())),
         "teacher_busy_fraction": round(busy, 3) if busy is not None else None,
         # the first windows include decode's head start while the teachers load and compile
-        "teacher_busy_timeline": f"per {width:g} s: " + " ".join(f"{b:.2f}" for b in timeline),
+        "teacher_busy_timeline": timeline.text(timeline.busy),
+        "clips_per_second_timeline": timeline.text(timeline.clips_per_s),
+        # the later half of the windows: past decode's head start, the rate a long run sustains
+        "second_half": None if late is None else {
+            "from_unix_time": round(late[0], 1), "teacher_busy": round(late[1], 3), "clips_per_second": round(late[2], 2)},
         "total_seconds": round(time.time() - started, 2),
     }
 

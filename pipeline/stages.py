@@ -397,6 +397,33 @@ def encoded_frames(frames: np.ndarray, encoding: str = "jpg", quality: int = 90)
 BUSY_WINDOW_S = 30.0
 
 
+@dataclass(frozen=True)
+class TeacherTimeline:
+    """What the teachers did per window of `width` seconds, from `start` (the first actor ready, unix
+    time) to `end` (the last target): their busy fraction and the clips/s they finished."""
+
+    start: float
+    end: float
+    width: float
+    busy: list[float]
+    clips_per_s: list[float]
+    spans: list[float]          # seconds of each window inside [start, end]
+
+    def text(self, values: list[float]) -> str:
+        return f"per {self.width:g} s: " + " ".join(f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values)
+
+    def second_half(self) -> tuple[float, float, float] | None:
+        """(unix time it starts, busy fraction, clips/s) over the later half of the windows: decode's
+        head start (frames decoded while the teachers loaded) is spent in the first, so on a run long
+        enough this is the steady state. None without windows."""
+        half = slice(len(self.spans) // 2, None)
+        seconds = sum(self.spans[half])
+        if not seconds:
+            return None
+        weigh = lambda values: sum(v * s for v, s in zip(values[half], self.spans[half])) / seconds  # noqa: E731
+        return self.end - seconds, weigh(self.busy), weigh(self.clips_per_s)
+
+
 @dataclass
 class WriteSummary:
     """What one writer did; summed over writers for the job's summary."""
@@ -406,9 +433,9 @@ class WriteSummary:
     bytes: int = 0
     teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
     decoders: dict[str, int] = field(default_factory=dict)          # clips per decoder (ffmpeg, nvdec)
-    # teacher busy seconds (all actors) by the BUSY_WINDOW_S window their call ended in: the timeline
-    # shows a starved teacher that the whole-job fraction hides behind decode's head start
-    busy_windows: dict[int, float] = field(default_factory=dict)
+    # [teacher busy seconds, clips] (all actors) by the BUSY_WINDOW_S window their call ended in: the
+    # timeline shows a starved teacher that the whole-job numbers hide behind decode's head start
+    windows: dict[int, list[float]] = field(default_factory=dict)
 
     def add(self, other: "WriteSummary") -> "WriteSummary":
         self.shards += other.shards
@@ -421,32 +448,36 @@ class WriteSummary:
             mine[0] += busy
             mine[1] = min(mine[1], ready)
             mine[2] = max(mine[2], done)
-        for window, busy in other.busy_windows.items():
-            self.busy_windows[window] = self.busy_windows.get(window, 0.0) + busy
+        for window, (busy, clips) in other.windows.items():
+            mine = self.windows.setdefault(window, [0.0, 0])
+            mine[0] += busy
+            mine[1] += clips
         return self
 
-    def add_teacher_call(self, actor: str, busy: float, ready: float, done: float) -> None:
-        self.add(WriteSummary(teacher={actor: [busy, ready, done]}, busy_windows={int(done // BUSY_WINDOW_S): busy}))
+    def add_teacher_call(self, actor: str, busy: float, ready: float, done: float, clips: int = 1) -> None:
+        self.add(WriteSummary(teacher={actor: [busy, ready, done]},
+                              windows={int(done // BUSY_WINDOW_S): [busy, clips]}))
 
-    def busy_timeline(self, max_points: int = 48) -> tuple[float, list[float]]:
-        """(window seconds, the teacher's busy fraction per window) from the first actor's start to the
-        last target (the first and last windows count only their part of that span): windows double in
+    def timeline(self, max_points: int = 48) -> TeacherTimeline:
+        """The teacher's busy fraction and clips/s per window, from the first actor's start to the last
+        target (the first and last windows count only their part of that span): windows double in
         width until at most `max_points` remain, so a day-long job's stays short. Each call counts in
         the window it ended in, so a window can read slightly above 1."""
         if not self.teacher:
-            return BUSY_WINDOW_S, []
+            return TeacherTimeline(0.0, 0.0, BUSY_WINDOW_S, [], [], [])
         start = min(r for _, r, _ in self.teacher.values())
         end = max(d for _, _, d in self.teacher.values())
         first, last = int(start // BUSY_WINDOW_S), int(end // BUSY_WINDOW_S)
-        busy = [self.busy_windows.get(w, 0.0) for w in range(first, last + 1)]
+        sums = [self.windows.get(w, [0.0, 0]) for w in range(first, last + 1)]
+        busy, clips = [b for b, _ in sums], [c for _, c in sums]
         span = [min(end, (w + 1) * BUSY_WINDOW_S) - max(start, w * BUSY_WINDOW_S) for w in range(first, last + 1)]
         width = BUSY_WINDOW_S
         while len(busy) > max_points:
-            busy = [sum(busy[i:i + 2]) for i in range(0, len(busy), 2)]
-            span = [sum(span[i:i + 2]) for i in range(0, len(span), 2)]
+            busy, clips, span = ([sum(v[i:i + 2]) for i in range(0, len(v), 2)] for v in (busy, clips, span))
             width *= 2
         actors = len(self.teacher)
-        return width, [b / (s * actors) if s > 0 else 0.0 for b, s in zip(busy, span)]
+        return TeacherTimeline(start, end, width, [b / (s * actors) if s > 0 else 0.0 for b, s in zip(busy, span)],
+                               [c / s if s > 0 else 0.0 for c, s in zip(clips, span)], span)
 
     def busy_fraction(self) -> float | None:
         wall = sum(done - ready for _, ready, done in self.teacher.values())

@@ -180,28 +180,35 @@ def test_teacher_stage_concurrent_calls(tmp_path):
         for busy, ready, done in zip(out[i]["teacher_busy"], out[i]["teacher_ready"], out[i]["teacher_done"]):
             summary.add_teacher_call(str(out[i]["teacher_actor"][0]), busy, ready, done)
     assert 0 < summary.busy_fraction() <= 1.0
-    assert sum(summary.busy_windows.values()) == pytest.approx(sum(b for b, _, _ in summary.teacher.values()))
+    assert sum(b for b, _ in summary.windows.values()) == pytest.approx(sum(b for b, _, _ in summary.teacher.values()))
+    assert sum(c for _, c in summary.windows.values()) == sum(len(out[i]["target"]) for i in range(len(batches)))
 
 
-def test_busy_timeline_shows_a_teacher_starved_after_the_head_start():
+def test_timeline_shows_a_teacher_starved_after_the_head_start():
     """Two actors busy the whole first 90 s (frames decoded during their start-up), then half the
-    time: the whole-job fraction averages the two; the timeline shows when the starving began, and
-    a long job's timeline stays short (windows double)."""
+    time: the whole-job fraction averages the two; the timeline shows when the starving began and
+    the clips/s that followed, and a long job's timeline stays short (windows double)."""
     summary = WriteSummary()
     t0 = 1_000_000 * BUSY_WINDOW_S          # a window boundary
     for actor in ("a", "b"):
-        for second in range(180):       # one 1-s call per second, busy 1 s, then 0.5 s after 90 s
-            summary.add_teacher_call(actor, 1.0 if second < 90 else 0.5, t0, t0 + second + 0.5)
-    width, timeline = summary.busy_timeline()
-    assert width == BUSY_WINDOW_S and timeline == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5], abs=0.01)
+        for second in range(180):       # one 1-s call per second: 4 clips busy 1 s, then 2 clips in 0.5 s
+            summary.add_teacher_call(actor, 1.0 if second < 90 else 0.5, t0, t0 + second + 0.5,
+                                     clips=4 if second < 90 else 2)
+    timeline = summary.timeline()
+    assert (timeline.start, timeline.end, timeline.width) == (t0, t0 + 179.5, BUSY_WINDOW_S)
+    assert timeline.busy == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5], abs=0.01)
+    assert timeline.clips_per_s == pytest.approx([8, 8, 8, 4, 4, 4], abs=0.1)
+    assert timeline.text(timeline.busy).startswith("per 30 s: 1.00 1.00 1.00 0.50")
+    since, busy, rate = timeline.second_half()
+    assert (since, busy, rate) == (t0 + 90, pytest.approx(0.5, abs=0.01), pytest.approx(4, abs=0.1))
     assert summary.busy_fraction() == pytest.approx(0.75, abs=0.01)
-    width, timeline = summary.busy_timeline(max_points=4)
-    assert width == 2 * BUSY_WINDOW_S and timeline == pytest.approx([1, 0.75, 0.5], abs=0.01)
+    coarse = summary.timeline(max_points=4)
+    assert coarse.width == 2 * BUSY_WINDOW_S and coarse.busy == pytest.approx([1, 0.75, 0.5], abs=0.01)
     whole = WriteSummary().add(summary).add(WriteSummary())      # merging keeps the windows
-    assert whole.busy_timeline() == summary.busy_timeline()
+    assert whole.timeline() == summary.timeline()
     short = WriteSummary()      # a run shorter than a window: its span, not the window, is the base
-    short.add_teacher_call("a", 4.0, t0 + 10, t0 + 15)
-    assert short.busy_timeline() == (BUSY_WINDOW_S, [pytest.approx(0.8)])
+    short.add_teacher_call("a", 4.0, t0 + 10, t0 + 15, clips=10)
+    assert short.timeline().busy == [pytest.approx(0.8)] and short.timeline().clips_per_s == [pytest.approx(2.0)]
 
 
 def test_teacher_stage_leaves_grad_mode_alone(tmp_path):
