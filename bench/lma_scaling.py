@@ -3,6 +3,7 @@ runs it.
 
     python3 bench/lma_scaling.py --gpus 1,2 --frames 64,256 --effective-batch 128 --out /tmp/lma-scaling
     python3 bench/lma_scaling.py --shape tiny --gpus 1,2 --frames 8 --out /tmp/lma-tiny   # CPU smoke run
+    python3 bench/lma_scaling.py --launcher ray --gpus 2 --frames 64                       # the Ray Train entry
 
 Builds, once under OUT/models: a causal LM of Qwen2.5-7B's shape from its config (random weights,
 bf16, built on the GPU; hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064) with a
@@ -94,11 +95,14 @@ def build_data(directory: Path, frames: int, size: tuple[int, int], records: int
 
 
 def run(args, student: Path, llm: Path, data: Path, frames: int, gpus: int) -> list[dict]:
-    out = args.out / f"run-{frames}f-{gpus}"
+    out = args.out / f"run-{frames}f-{gpus}-{args.launcher}"
     shutil.rmtree(out, ignore_errors=True)       # a fresh run, never a resume
     steps = args.warmup + args.steps
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-           "-m", "lma.finetune", "--student", str(student), "--llm", str(llm), "--data", str(data),
+    launcher = ([sys.executable, "-m", "jobs.lma_finetune", "--ray-workers", str(gpus), "--address", "local",
+                 *(["--use-gpu"] if args.use_gpu else [])] if args.launcher == "ray" else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+                 "-m", "lma.finetune"])
+    cmd = [*launcher, "--student", str(student), "--llm", str(llm), "--data", str(data),
            "--output", str(out), "--frames", str(frames), "--batch-size", "1",
            "--grad-accum", str(args.effective_batch // gpus), "--max-steps", str(steps), "--save-every", str(steps),
            "--lora-r", "4", "--lr", "1e-5", "--warmup-ratio", "0", "--prefetch", str(args.prefetch), *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
@@ -141,11 +145,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps left out of the timing")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--launcher", choices=("torchrun", "ray"), default="torchrun",
+                        help="ray: the Ray Train entry, jobs.lma_finetune, on a local Ray (one worker per GPU)")
     parser.add_argument("--prefetch", type=int, default=6, help="videos each rank decodes ahead")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lma-scaling"))
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
+    import torch
+
+    args.use_gpu = torch.cuda.is_available()
     gpus_list = [int(g) for g in args.gpus.split(",")]
     if any(args.effective_batch % g for g in gpus_list):
         parser.error(f"--effective-batch {args.effective_batch} must be a multiple of every GPU count {gpus_list}")
@@ -160,13 +169,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for gpus in gpus_list:
             row = summarise(run(args, student, llm, data, frames, gpus), frames, gpus, args.effective_batch // gpus,
                             args.warmup)
+            row["launcher"] = args.launcher
             base = base or row
             row["efficiency"] = row["tokens_per_s"] / row["gpus"] / (base["tokens_per_s"] / base["gpus"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(table(rows))
     if args.json:
-        import torch
         import transformers
 
         env = {"torch": torch.__version__, "transformers": transformers.__version__, "shape": args.shape,
