@@ -259,7 +259,7 @@ DECODE_MEMORY_SHARE = 0.5
 
 # Ray CPUs per GPU the default CPU slots leave to the write stage (a task takes one) and Ray Data's
 # own work. With one left, on the H200 x2 the decode actor and teacher held 16 of 16, the encode and
-# write stages (encoding has since moved into decode) ran one task at a time, and the teacher did 55
+# write stages (encoding has since moved into decode) ran one task at a time, and the teacher did 45-55
 # of its 150 clips/s (bench/RESULTS.md).
 DOWNSTREAM_CPUS = 2
 
