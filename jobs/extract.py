@@ -388,7 +388,8 @@ def extract(cfg: ExtractConfig) -> dict:
         "clips_per_second_timeline": timeline.text(timeline.clips_per_s),
         # the later half of the windows: past decode's head start, the rate a long run sustains
         "second_half": None if late is None else {
-            "from_unix_time": round(late[0], 1), "teacher_busy": round(late[1], 3), "clips_per_second": round(late[2], 2)},
+            "from_unix_time": round(late.since, 1), "teacher_busy": round(late.busy, 3),
+            "clips_per_second": round(late.clips_per_s, 2)},
         "total_seconds": round(time.time() - started, 2),
     }
 

@@ -87,9 +87,8 @@ def answer(model: VideoLLM, video: str, question: str, frames: int, max_new_toke
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.video import InputPolicy
-
     from pipeline.nvdec import NvdecUnavailableError
+    from pipeline.video import InputPolicy
 
     cfg = parse_config(GenerateConfig, argv)
     model = VideoLLM.from_pretrained(cfg.model, device=resolve_device(cfg.device))

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -90,8 +90,12 @@ class DecodeOptions:
     quality: int = 90
 
 
+def _nothing() -> None:
+    pass
+
+
 def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = (),
-                 on_cpu: Callable[[], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 on_cpu: Callable[[], None] = _nothing) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches of at most `chunk_clips` clips of one video, leaving out the clip ids in `skip`.
 
     Clips go in time order (sequential reads). Raises VideoError for a bad input, after yielding
@@ -119,8 +123,7 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = (),
         if reason is not None:
             log.info("%s: decoded on the CPU: %s", uri, reason)
             decoder = "ffmpeg"
-            if on_cpu is not None:
-                on_cpu()
+            on_cpu()
 
     def decode(chunk):
         nonlocal decoder
@@ -136,8 +139,7 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = (),
                 raise
             log.warning("%s: NVDEC failed (%s: %s); decoding it on the CPU", uri, type(e).__name__, e)
             decoder = "ffmpeg"
-            if on_cpu is not None:
-                on_cpu()
+            on_cpu()
             return decode(chunk)
 
     for i in range(0, len(todo), options.chunk_clips):
@@ -187,7 +189,7 @@ def error_row(error: VideoError, good_clips: Iterable[str] = ()) -> dict[str, An
 
 
 def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions, store: StoreWriter,
-                  on_cpu: Callable[[], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  on_cpu: Callable[[], None] = _nothing) -> Iterator[dict[str, np.ndarray]]:
     """Decode stage over a batch of {video_uri, skip}: clip batches out; a bad video becomes a
     committed error row (recorded once, never raised) and the stage goes on with the next one."""
     for uri, skip in zip(batch["video_uri"], batch["skip"]):
@@ -397,6 +399,14 @@ def encoded_frames(frames: np.ndarray, encoding: str = "jpg", quality: int = 90)
 BUSY_WINDOW_S = 30.0
 
 
+class Rates(NamedTuple):
+    """The teachers' work from `since` (unix time) to their last target."""
+
+    since: float
+    busy: float
+    clips_per_s: float
+
+
 @dataclass(frozen=True)
 class TeacherTimeline:
     """What the teachers did per window of `width` seconds, from `start` (the first actor ready, unix
@@ -412,16 +422,16 @@ class TeacherTimeline:
     def text(self, values: list[float]) -> str:
         return f"per {self.width:g} s: " + " ".join(f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values)
 
-    def second_half(self) -> tuple[float, float, float] | None:
-        """(unix time it starts, busy fraction, clips/s) over the later half of the windows: decode's
-        head start (frames decoded while the teachers loaded) is spent in the first, so on a run long
-        enough this is the steady state. None without windows."""
+    def second_half(self) -> Rates | None:
+        """The later half of the windows: decode's head start (frames decoded while the teachers
+        loaded) is spent in the first, so on a run long enough this is the steady state. None without
+        windows."""
         half = slice(len(self.spans) // 2, None)
         seconds = sum(self.spans[half])
         if not seconds:
             return None
         weigh = lambda values: sum(v * s for v, s in zip(values[half], self.spans[half])) / seconds  # noqa: E731
-        return self.end - seconds, weigh(self.busy), weigh(self.clips_per_s)
+        return Rates(self.end - seconds, weigh(self.busy), weigh(self.clips_per_s))
 
 
 @dataclass
@@ -444,19 +454,26 @@ class WriteSummary:
         for decoder, clips in other.decoders.items():
             self.decoders[decoder] = self.decoders.get(decoder, 0) + clips
         for actor, (busy, ready, done) in other.teacher.items():
-            mine = self.teacher.setdefault(actor, [0.0, ready, done])
-            mine[0] += busy
-            mine[1] = min(mine[1], ready)
-            mine[2] = max(mine[2], done)
+            self._add_actor(actor, busy, ready, done)
         for window, (busy, clips) in other.windows.items():
-            mine = self.windows.setdefault(window, [0.0, 0])
-            mine[0] += busy
-            mine[1] += clips
+            self._add_window(window, busy, clips)
         return self
 
     def add_teacher_call(self, actor: str, busy: float, ready: float, done: float, clips: int = 1) -> None:
-        self.add(WriteSummary(teacher={actor: [busy, ready, done]},
-                              windows={int(done // BUSY_WINDOW_S): [busy, clips]}))
+        """One teacher call's share (`clips` of its clips): the writer's per-row update, in place."""
+        self._add_actor(actor, busy, ready, done)
+        self._add_window(int(done // BUSY_WINDOW_S), busy, clips)
+
+    def _add_actor(self, actor: str, busy: float, ready: float, done: float) -> None:
+        mine = self.teacher.setdefault(actor, [0.0, ready, done])
+        mine[0] += busy
+        mine[1] = min(mine[1], ready)
+        mine[2] = max(mine[2], done)
+
+    def _add_window(self, window: int, busy: float, clips: int) -> None:
+        mine = self.windows.setdefault(window, [0.0, 0])
+        mine[0] += busy
+        mine[1] += clips
 
     def timeline(self, max_points: int = 48) -> TeacherTimeline:
         """The teacher's busy fraction and clips/s per window, from the first actor's start to the last

@@ -199,8 +199,9 @@ def test_timeline_shows_a_teacher_starved_after_the_head_start():
     assert timeline.busy == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5], abs=0.01)
     assert timeline.clips_per_s == pytest.approx([8, 8, 8, 4, 4, 4], abs=0.1)
     assert timeline.text(timeline.busy).startswith("per 30 s: 1.00 1.00 1.00 0.50")
-    since, busy, rate = timeline.second_half()
-    assert (since, busy, rate) == (t0 + 90, pytest.approx(0.5, abs=0.01), pytest.approx(4, abs=0.1))
+    late = timeline.second_half()
+    assert (late.since, late.busy, late.clips_per_s) == (t0 + 90, pytest.approx(0.5, abs=0.01),
+                                                          pytest.approx(4, abs=0.1))
     assert summary.busy_fraction() == pytest.approx(0.75, abs=0.01)
     coarse = summary.timeline(max_points=4)
     assert coarse.width == 2 * BUSY_WINDOW_S and coarse.busy == pytest.approx([1, 0.75, 0.5], abs=0.01)
