@@ -3,11 +3,11 @@
     python -m jobs.extract --input videos/ --output store/ --teacher /models/internvit [--config job.yaml]
     ray job submit --working-dir . -- python -m jobs.extract --input s3://b/videos --output s3://b/store ...
 
-Streaming: video URIs -> decode (compact clips out: frames at --size, not whole videos) in CPU tasks,
-or with --decode-device auto|gpu on a GPU cluster in one decode actor per GPU (NVDEC sessions and
-ffmpeg slots, see GpuDecodeStage) -> teacher + compression in an actor pool (one actor per GPU)
--> JPEG encode tasks -> a Datasink whose write tasks roll shards by bytes and commit them. The
-driver then finalises the store.
+Streaming: video URIs -> decode (compact clips out: frames at --size, not whole videos, and their
+JPEG bytes for the store) in CPU tasks, or with --decode-device auto|gpu on a GPU cluster in one
+decode actor per GPU (NVDEC sessions and ffmpeg slots, see GpuDecodeStage) -> teacher + compression
+in an actor pool (one actor per GPU; the raw frames end here) -> a Datasink whose write tasks roll
+shards by bytes and commit them. The driver then finalises the store.
 Resume is the same command: committed shards are skipped, partly done videos redo only their
 missing clips. Exit 0 when the store is complete (even if some inputs failed, see errors/).
 """
@@ -236,9 +236,15 @@ def input_blocks(pending: "pa.Table") -> list["pa.Table"]:
     return [pending.take(np.arange(i, min(i + rows, n))) for i in range(0, n, rows)]
 
 
-# The share of each GPU its decode actor holds (NVDEC sessions, the frame conversion); the teacher
-# actor beside it gets the rest, so Ray places exactly one of each per GPU.
-DECODE_GPU_SHARE = 0.2
+# GPU shares. Ray packs fractional shares first-fit: with 0.2 per decode actor and 0.8 per teacher,
+# on the H200 x2 both decode actors got GPU 0 and the second teacher could not be placed while they
+# ran (one teacher did all the work: bench/RESULTS.md). So a teacher asks for more than half a GPU (no two share one, whatever else is
+# placed), and a decode actor for a token share, only to land on a GPU node (up to 10 per node fit
+# beside its teachers); it sees all of the node's GPUs (DECODE_ENV) and claims one that no other
+# decode actor holds (pipeline.nvdec.claim_gpu).
+TEACHER_GPU_SHARE = 0.9
+DECODE_GPU_SHARE = 0.01
+DECODE_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,17 @@ def decode_plan(cfg: ExtractConfig, resources: dict) -> DecodePlan:
                       require_nvdec=cfg.decode_device == "gpu", memory=(cfg.nvdec_sessions + slots) * call_memory)
 
 
+def decode_actor_resources(decode: DecodePlan) -> dict:
+    """Ray resources of one decode actor (see TEACHER_GPU_SHARE)."""
+    return {"num_gpus": DECODE_GPU_SHARE, "num_cpus": max(1, decode.cpu_slots), "memory": decode.memory,
+            "runtime_env": {"env_vars": DECODE_ENV}}
+
+
+def teacher_resources(cfg: ExtractConfig, decode: DecodePlan, use_gpu: bool) -> dict:
+    """Ray resources of one teacher actor: a whole GPU, or more than half of one beside decode actors."""
+    return {"num_gpus": (TEACHER_GPU_SHARE if decode.on_gpu else 1) if use_gpu else 0, "num_cpus": cfg.teacher_cpus}
+
+
 def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *, use_gpu: bool,
                  teacher_dtype: str, decode: DecodePlan) -> WriteSummary:
     import ray
@@ -309,16 +326,15 @@ def run_pipeline(cfg: ExtractConfig, store: StoreWriter, pending: "pa.Table", *,
         calls = decode.sessions + decode.cpu_slots
         ds = ds.map_batches(
             GpuDecodeStage, batch_size=1, batch_format="numpy", compute=actor_pool(decode.gpus, calls),
-            num_gpus=DECODE_GPU_SHARE, num_cpus=max(1, decode.cpu_slots), memory=decode.memory,
+            **decode_actor_resources(decode),
             fn_constructor_kwargs={"options": replace(options, threads=1), "store": store, "sessions": decode.sessions,
                                    "cpu_slots": decode.cpu_slots, "require_nvdec": decode.require_nvdec})
     else:
         ds = ds.map_batches(decode_videos, batch_size=1, batch_format="numpy", num_cpus=cfg.decode_cpus,
                             memory=decode_task_memory(cfg, threads), fn_kwargs={"options": options, "store": store})
-    teacher_gpus = (1 - DECODE_GPU_SHARE if decode.on_gpu else 1) if use_gpu else 0
     ds = ds.map_batches(
         TeacherStage, batch_size=batch, batch_format="numpy", compute=actor_pool(actors, cfg.teacher_concurrency),
-        num_gpus=teacher_gpus, num_cpus=cfg.teacher_cpus,
+        **teacher_resources(cfg, decode, use_gpu),
         fn_constructor_kwargs={
             "teacher": cfg.teacher, "compression": Compression(method=cfg.compression, factors=tuple(cfg.factors)),
             "target_dtype": cfg.target_dtype, "layer": cfg.layer, "head": cfg.head,

@@ -25,7 +25,8 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from pathlib import Path
+from typing import IO, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +77,32 @@ def unavailable_reason(gpu: int = 0) -> str | None:
     except ImportError as e:
         return f"PyNvVideoCodec is not installed ({e}); pip install PyNvVideoCodec"
     return None
+
+
+def claim_gpu(count: int, lock_dir: str | None = None) -> tuple[int, IO | None]:
+    """One of this node's `count` GPUs that no other live claim holds: the first whose lock file this
+    process can lock. The lock lasts until the returned file is closed or the process ends, however
+    it ends (the OS drops it). With every GPU claimed: device pid % count, and no file.
+
+    Why: Ray packs fractional GPU shares first-fit, so decode actors that each asked Ray for a share
+    all got the node's first GPU (jobs.extract); they see every GPU instead and spread with this."""
+    import fcntl
+    import os
+    import tempfile
+
+    root = Path(lock_dir or tempfile.gettempdir()) / "liteframe-nvdec"
+    root.mkdir(exist_ok=True)
+    for gpu in range(count):
+        try:
+            lock = open(root / f"gpu{gpu}.lock", "a")
+        except OSError:             # another user's file: theirs
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return gpu, lock
+        except OSError:
+            lock.close()
+    return os.getpid() % count, None
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class DecodeOptions:
     policy: Any = None                 # pipeline.video.InputPolicy: what an input may make us do; None: defaults
     threads: int = 1                   # ffmpeg threads per decode: the CPUs the task reserves
     decoder: str = "ffmpeg"            # "ffmpeg" (CPU) or "nvdec": tried first, ffmpeg for what NVDEC cannot take
+    gpu: int = 0                       # the CUDA device NVDEC decodes on
     # Encode each clip's frames for the store here (jpg, png, npy; None: leave that to the caller),
     # beside the raw frames the teacher reads: the rows after the teacher then carry the encoded
     # bytes only, about a tenth of the raw frames, through the object store to the writer.
@@ -127,7 +128,7 @@ def decode_video(uri: str, options: DecodeOptions, skip: Iterable[str] = (),
 
     def decode(chunk):
         nonlocal decoder
-        kw = {"threads": options.threads} if decoder == "ffmpeg" else {}
+        kw = {"threads": options.threads} if decoder == "ffmpeg" else {"gpu": options.gpu}
         try:
             pairs = decode_clips(uri, chunk, size=options.size, resize=options.resize, timeout=options.timeout,
                                  info=info, policy=policy, decoder=decoder, **kw)
@@ -205,7 +206,8 @@ def decode_videos(batch: Mapping[str, Sequence], *, options: DecodeOptions, stor
 
 
 class GpuDecodeStage:
-    """The decode stage of one GPU: a Ray actor beside its teacher, holding a share of that GPU.
+    """The decode stage of one GPU: a Ray actor beside its node's teachers, decoding on a GPU of the
+    node that no other decode actor there has claimed (`pipeline.nvdec.claim_gpu`).
 
     Up to `sessions` calls (one video each) decode on NVDEC at once; with `cpu_slots` > 0 further calls
     run at the same time on the actor's CPUs through ffmpeg, so a node's NVDEC engines and its cores
@@ -216,15 +218,19 @@ class GpuDecodeStage:
 
     def __init__(self, *, options: DecodeOptions, store: StoreWriter, sessions: int, cpu_slots: int,
                  require_nvdec: bool):
-        from pipeline.nvdec import NvdecUnavailableError, unavailable_reason
+        import torch
 
-        reason = unavailable_reason(0) if sessions else None      # Ray makes the actor's GPU device 0
+        from pipeline.nvdec import NvdecUnavailableError, claim_gpu, unavailable_reason
+
+        gpus = torch.cuda.device_count() if sessions else 0
+        gpu, self._claim = claim_gpu(gpus) if gpus else (0, None)
+        reason = unavailable_reason(gpu) if sessions else None
         if reason is not None:
             if require_nvdec:
                 raise NvdecUnavailableError(f"--decode-device gpu: {reason}")
             log.warning("NVDEC unavailable on this node (%s): decoding on %d CPUs", reason, cpu_slots)
             sessions = 0
-        self.options, self.store, self.cpu_slots = options, store, cpu_slots
+        self.options, self.store, self.cpu_slots = replace(options, gpu=gpu), store, cpu_slots
         self.sessions = threading.BoundedSemaphore(sessions) if sessions else None
 
     def __call__(self, batch: Mapping[str, Sequence]) -> Iterator[dict[str, np.ndarray]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,83 @@ def test_decode_plan_follows_the_flag_and_the_cluster():
     assert not plan(["--decode-device", "cpu"], big).on_gpu
     with pytest.raises(ConfigError, match="no GPUs"):
         plan(["--decode-device", "gpu"], {"CPU": 8})
+
+
+def test_claim_gpu_spreads_claims_and_frees_a_dead_claimants(tmp_path):
+    first, lock = nvdec.claim_gpu(3, str(tmp_path))
+    second, lock2 = nvdec.claim_gpu(3, str(tmp_path))
+    assert (first, second) == (0, 1) and lock and lock2
+    other = subprocess.run([sys.executable, "-c", "import sys; from pipeline import nvdec; "
+                            "print(nvdec.claim_gpu(3, sys.argv[1])[0])", str(tmp_path)],
+                           cwd=REPO, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "2"          # that process has ended: its claim with it
+    lock.close()
+    again, lock = nvdec.claim_gpu(3, str(tmp_path))
+    assert again == 0
+    assert nvdec.claim_gpu(2, str(tmp_path))[1] is None     # all claimed: a device anyway, no lock
+
+
+# Run in a process of its own: it starts a Ray node with 2 logical GPUs (this machine may have none;
+# Ray only schedules by them), places the job's decode and teacher actors with the job's resource
+# requests, and reports where each landed.
+PLACEMENT = """
+import glob, json, os, sys, time
+import numpy as np, ray, ray.data
+from jobs.extract import DecodePlan, ExtractConfig, actor_pool, decode_actor_resources, teacher_resources
+from pipeline.config import parse_config
+from pipeline.nvdec import claim_gpu
+
+LOCKS = sys.argv[1]        # read here: an actor's sys.argv is its worker's
+
+class Decode:
+    def __init__(self):
+        self.gpu, self.lock = claim_gpu(2, LOCKS)
+        self.seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.both = None
+
+    def __call__(self, batch):
+        # Both teachers must be up while the decoders run (with the old shares the second one was
+        # placed only once the decoders had finished and let go of their GPU shares).
+        deadline = time.time() + (20 if self.both is None else 0)
+        while len(glob.glob(os.path.join(LOCKS, "teacher-*"))) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        self.both = len(glob.glob(os.path.join(LOCKS, "teacher-*"))) == 2
+        return {"decoder": np.array([f"{os.getpid()}:{self.gpu}:{self.seen}:{self.both}"] * len(batch["id"]))}
+
+class Teacher:
+    def __init__(self):
+        open(os.path.join(LOCKS, f"teacher-{os.getpid()}"), "w").close()
+
+    def __call__(self, batch):
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {**batch, "teacher": np.array([f"{os.getpid()}:{gpus}"] * len(batch["decoder"]))}
+
+cfg = parse_config(ExtractConfig, ["--input", "x", "--output", "y", "--teacher", "t"])
+plan = DecodePlan(on_gpu=True, gpus=2, sessions=2, cpu_slots=1, memory=64 << 20)
+ray.init(num_cpus=6, num_gpus=2, include_dashboard=False)
+ds = ray.data.range(64, override_num_blocks=32)
+ds = ds.map_batches(Decode, batch_size=1, compute=actor_pool(2, 2), **decode_actor_resources(plan))
+ds = ds.map_batches(Teacher, batch_size=2, compute=actor_pool(2), **teacher_resources(cfg, plan, use_gpu=True))
+rows = ds.take_all()
+ray.shutdown()
+print(json.dumps({"decoders": sorted({r["decoder"] for r in rows}), "teachers": sorted({r["teacher"] for r in rows})}))
+"""
+
+
+def test_each_teacher_has_a_gpu_of_its_own_and_decoders_spread(tmp_path):
+    """With the job's resource requests on a 2-GPU node, the two teachers run at once on different GPUs
+    (with the old 0.2/0.8 shares, Ray packed both decoders onto GPU 0 and the second teacher waited
+    for them to finish), and the decode actors see both GPUs and claim one each."""
+    proc = subprocess.run([sys.executable, "-c", PLACEMENT, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    teachers = {t.split(":")[1] for t in got["teachers"]}
+    assert len(got["teachers"]) == 2 and teachers == {"0", "1"}
+    decoders = [d.split(":") for d in got["decoders"]]
+    assert all(both == "True" for *_, both in decoders)        # the teachers ran beside the decoders
+    assert len(decoders) == 2 and {gpu for _, gpu, _, _ in decoders} == {"0", "1"}
+    assert all(seen == "0,1" for _, _, seen, _ in decoders)   # Ray left the node's GPUs visible to them
 
 
 @pytest.mark.skipif(_nvdec_missing() is None, reason="this machine has NVDEC: the CPU-only behaviour is not reachable")
