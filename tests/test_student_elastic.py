@@ -1,5 +1,6 @@
 """Elastic resume: a run stopped on N ranks (or loader workers) continues its epoch on M, reading every
-clip of the epoch once (beyond the wrap-round filler of whole batches), deterministically."""
+clip of the epoch once (beyond the wrap-round filler of each phase's last step: less than one global
+batch), deterministically."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def _read(plan: sd.EpochPlan, batches: int) -> list[tuple[int, int]]:
     ([5, 3, 7, 1, 8], [(2, 2, 1), (3, 1, 1), (1, 3, None)], 6),
     ([4, 9, 2, 6, 5, 1, 3], [(3, 2, 3), (2, 1, 1), (1, 1, 2), (4, 2, None)], 5),   # 30: filler in phases
     ([4, 9, 2, 6, 5, 1, 3], [(2, 1, 0), (1, 1, 7), (2, 3, None)], 0),
+    # The 2 -> 1 -> 2 ranks of 2 workers GPU run, scaled to 64 clips: 34 left for the last phase once
+    # took 2 x ceil(34 / 8) = 10 batches per rank (6 repeats, more than a global batch), not 9.
+    ([3] * 21 + [1], [(2, 2, 5), (1, 2, 5), (2, 2, None)], 64),
 ])
 def test_phases_read_every_clip_of_the_epoch_once(fmt, counts, phases, buffer):
     counts = np.asarray(counts, dtype=np.int64)
@@ -50,7 +54,9 @@ def test_phases_read_every_clip_of_the_epoch_once(fmt, counts, phases, buffer):
                              streams_per_rank=workers, batch_size=2, shuffle_buffer=buffer, done=done)
         batches = plan.batches_per_rank if batches is None else batches
         got += _read(plan, batches)
-        filler += plan.world_size * plan.streams_per_rank * plan.length - plan.total
+        padding = plan.world_size * plan.batches_per_rank * plan.batch_size - plan.total
+        assert 0 <= padding < plan.world_size * plan.batch_size    # the fewest whole steps, whatever the workers
+        filler += padding
         done.append((world, workers, batches))
     seen = Counter(got)
     assert set(seen) == {(s, k) for s in range(len(counts)) for k in range(counts[s])}
@@ -115,6 +121,29 @@ def test_two_ranks_then_one_then_three(store, tmp_path):
     assert _traces(run) == _traces(again)
     wa, wb = load_file(run / "model.safetensors"), load_file(again / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_ranks_of_two_workers_then_one_then_two(store, tmp_path):
+    """The GPU run's shape: the 10 clips left for the last phase take 3 steps on 2 ranks (2 repeats,
+    less than one global batch of 4), not 2 x ceil(10 / 8) = 4 steps of whole batches per worker."""
+    run = tmp_path / "run"
+    common = ("--num-workers", "2", "--max-steps", "10")
+    _torchrun(2, store, run, *common, "--stop-after", "2")                  # 8 clips
+    _torchrun(1, store, run, *common, "--stop-after", "3", "--resume")      # 6 clips
+    state = json.loads((run / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert state["loader"] == {"epoch": 0, "batch": 3, "phases": [[2, 2, 2]], "world_size": 1,
+                               "streams_per_rank": 2, "samples": 14}
+    _torchrun(2, store, run, *common, "--resume")       # the last 10 clips, then 2 steps of epoch 1
+    records = _traces(run)
+    epoch0 = [c for r in records if r["epoch"] == 0 for c in r["clip_id"]]
+    assert len([r for r in records if r["epoch"] == 0]) == 2 * 2 + 3 + 2 * 3
+    assert len(set(epoch0)) == 24 and len(epoch0) == 24 + 2
+    index = sd.read_store(store)
+    for r in range(2):      # epoch 1: the seed's order for 2 ranks of 2 workers, as a fresh run reads it
+        data = sd.TrainData(index, batch_size=2, seed=0, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)
+        got = [json.loads(line)["clip_id"] for line in (run / f"samples-rank{r}.jsonl").read_text().splitlines()
+               if json.loads(line)["epoch"] == 1]
+        assert got == sd.epoch_clip_ids(index, data.plan(1), r)[:2]
 
 
 def _evaluate(store: str, rank: int, world_size: int) -> dict:

@@ -131,7 +131,7 @@ class ClipStream(IterableDataset):
         shards = Shards(self.info, plan.rows, zarr=True)
         for b in batches:
             stream, first = rank_batches(plan, self.rank, b)
-            positions = np.arange(first, min(first + plan.batch_size, plan.length))
+            positions = np.arange(first, min(first + plan.batch_size, plan.stream_length(stream)))
             got = [shards.read_zarr(int(s), int(k)) for s, k in zip(*plan.locate(stream, positions))]
             yield self._batch(plan, stream, positions.tolist(), got)
 
@@ -295,6 +295,7 @@ def eval_batches(info: StoreInfo, *, batch_size: int, fmt: str = "webdataset", r
     # One stream whose length is not a multiple of the batch: the last batch is short, so no
     # clip is counted twice.
     plan = EpochPlan(rows=rows, shard_order=np.arange(len(ends)), ends=ends, length=hi - lo, batch_size=batch_size,
-                     streams_per_rank=1, runs=np.array([[lo, hi - lo]], dtype=np.int64))
+                     streams_per_rank=1, batches_per_rank=-(-(hi - lo) // batch_size),
+                     runs=np.array([[lo, hi - lo]], dtype=np.int64))
     return Batches(DataLoader(ClipStream(info, plan, fmt=fmt, rank=0, compact=True), batch_size=None, num_workers=0),
                    BadClipBudget(max_bad_clips, "the evaluation"))

@@ -2,13 +2,14 @@
 position of every stream reads, O(shards) in time and memory, no data and no index read.
 
 WebDataset (default): an epoch is the store's training clips laid out shard after shard, the
-shards permuted by (seed, epoch). That sequence is wrapped to a length that splits evenly
-into `world_size * num_workers` streams of whole batches (so no rank or loader worker ever
-runs dry), each stream a contiguous piece read front to back. Inside a stream a shuffle
-buffer reorders the samples; its permutation is computed on positions alone, so resuming
-after `k` batches replays the buffer's draws without data and skips the samples already
-consumed without decoding them (a shard is read only from the first sample still needed; within
-it, skipped samples' tar bytes are read, never their JPEGs).
+shards permuted by (seed, epoch). Every rank takes the same number of whole batches, the fewest that
+cover the sequence (wrapping round to its start to fill the last ones), dealt in turn to its
+`num_workers` streams, so no rank or loader worker ever runs dry; each stream is a contiguous piece
+of the sequence read front to back. Inside a stream a shuffle buffer reorders the samples; its
+permutation is computed on positions alone, so resuming after `k` batches replays the buffer's draws
+without data and skips the samples already consumed without decoding them (a shard is read only
+from the first sample still needed; within it, skipped samples' tar bytes are read, never their
+JPEGs).
 
 Zarr: clips are read by index, so an epoch is simply a seeded permutation of the training
 clips (a keyed Feistel network, evaluated per position in O(1) memory), split evenly over ranks;
@@ -20,9 +21,10 @@ streams ends the stopped split as a phase of the epoch, and the next phase cover
 (`EpochPlan.remainder`: per stream, the positions still in the shuffle buffer and those never fed,
 in sequence order, as O(streams x buffer) runs), split evenly over the new streams and shuffled with
 the phase's own RNG key. Every clip of the epoch is read exactly once, except the wrap-round filler
-that makes each phase's streams whole batches (fewer than streams x batch entries per phase, as in an
-epoch never resumed; filler already read counts as read). The next epoch is planned for the new
-world size from scratch, as a fresh run would.
+that makes the phase's last step whole on every rank: fewer than one global batch (ranks x batch)
+per phase, as in an epoch never resumed (filler already read counts as read); rounding each stream
+up to whole batches instead would repeat up to one global batch per loader worker. The next epoch is
+planned for the new world size from scratch, as a fresh run would.
 """
 
 from __future__ import annotations
@@ -51,17 +53,19 @@ _SHARDS, _SHUFFLE, _AUGMENT, _ZARR = 1, 2, 3, 4   # RNG stream tags
 @dataclass(frozen=True, eq=False)
 class EpochPlan:
     """One epoch as index arithmetic, O(shards) in memory: position p of stream s is entry
-    (s * length + p) mod total of the epoch's sequence (wrapping round, so every stream gets the same
-    `length`), the sequence being the selected clips of the shards laid out in `shard_order` (zarr:
-    taken through a keyed permutation). An entry is found as (shard, k-th selected clip of the shard)
-    by bisecting the cumulative counts. A stream's shuffled order is drawn on demand."""
+    (start of s + p) mod total of the epoch's sequence, the streams laid end to end (wrapping round, so
+    every rank gets `batches_per_rank` whole batches), the sequence being the selected clips of the
+    shards laid out in `shard_order` (zarr: taken through a keyed permutation). An entry is found as
+    (shard, k-th selected clip of the shard) by bisecting the cumulative counts. A stream's shuffled
+    order is drawn on demand."""
 
     rows: Selection
     shard_order: np.ndarray     # int64 [shards]
     ends: np.ndarray            # int64 [shards]: cumulative selected clips along shard_order
-    length: int                 # positions per stream
+    length: int                 # positions of a rank's first stream, the longest
     batch_size: int
     streams_per_rank: int
+    batches_per_rank: int
     shuffle_buffer: int = 0
     permutation: FeistelPermutation | None = None
     seed: int = 0
@@ -83,9 +87,17 @@ class EpochPlan:
     def _run_ends(self) -> np.ndarray:
         return np.cumsum(self.runs[:, 1])
 
-    @property
-    def batches_per_rank(self) -> int:
-        return self.streams_per_rank * math.ceil(self.length / self.batch_size)
+    def stream_length(self, stream: int) -> int:
+        """Positions of a stream: a rank deals its batches to its streams in turn, so its first
+        `batches_per_rank % streams_per_rank` streams have one batch more than the others."""
+        w = stream % self.streams_per_rank
+        return min(self.length, -(-(self.batches_per_rank - w) // self.streams_per_rank) * self.batch_size)
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        """Where each stream starts in the phase's positions (streams end to end)."""
+        streams = self.world_size * self.streams_per_rank
+        return np.cumsum([0] + [self.stream_length(s) for s in range(streams)], dtype=np.int64)
 
     def _key(self, *key: int) -> np.random.Generator:
         """The phase's RNG stream: phase 0 keeps the key of an epoch never resumed elsewhere."""
@@ -93,7 +105,7 @@ class EpochPlan:
 
     def order(self, stream: int) -> ShuffleBuffer:
         """Its outputs are the stream's positions in read order."""
-        return ShuffleBuffer(self.length, self.shuffle_buffer, self._key(_SHUFFLE, stream))
+        return ShuffleBuffer(self.stream_length(stream), self.shuffle_buffer, self._key(_SHUFFLE, stream))
 
     def jitter(self, stream: int, position: int, strength: float) -> np.ndarray:
         """Brightness, contrast and saturation factors of one sample, a pure function of its place."""
@@ -101,7 +113,7 @@ class EpochPlan:
 
     def _index(self, stream: int, positions: Any) -> tuple[np.ndarray, np.ndarray]:
         """(entry of the epoch's sequence, entries left in its run) of each position of a stream."""
-        i = (stream * self.length + np.asarray(positions, dtype=np.int64)) % self.total
+        i = (self._starts[stream] + np.asarray(positions, dtype=np.int64)) % self.total
         if self.runs is None:
             return i, self.total - i
         j = np.searchsorted(self._run_ends, i, side="right")
@@ -119,10 +131,10 @@ class EpochPlan:
     def segments(self, stream: int, start: int = 0) -> Iterator[tuple[int, int, int, int]]:
         """(first position, shard, first k, clips): runs of consecutive clips of one shard that cover
         the stream's positions from `start` on, in sequence order (for plans without a permutation)."""
-        p = start
-        while p < self.length:
+        p, length = start, self.stream_length(stream)
+        while p < length:
             shard, k = (int(v[0]) for v in self.locate(stream, [p]))
-            n = min(int(self.rows.counts[shard]) - k, self.length - p, int(self._index(stream, [p])[1][0]))
+            n = min(int(self.rows.counts[shard]) - k, length - p, int(self._index(stream, [p])[1][0]))
             yield p, shard, k, n
             p += n
 
@@ -138,8 +150,8 @@ class EpochPlan:
             w = s % self.streams_per_rank
             order = self.order(s)
             order.skip(max(0, -(-(batches - w) // self.streams_per_rank)) * b)
-            lo, buffered = s * self.length, sorted(order.buffer)
-            left += [(lo + p, lo + p + 1) for p in buffered] + [(lo + order.fed, lo + self.length)]
+            lo, buffered = int(self._starts[s]), sorted(order.buffer)
+            left += [(lo + p, lo + p + 1) for p in buffered] + [(lo + order.fed, lo + order.n)]
             held = set(buffered)
             filler.update((lo + p) % size for p in range(max(0, size - lo), order.fed) if p not in held)
         points, out = sorted(filler), []
@@ -170,8 +182,9 @@ class EpochPlan:
 
 def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: int, streams_per_rank: int,
                batch_size: int, shuffle_buffer: int, done: Any = ()) -> EpochPlan:
-    """The whole epoch from per-shard counts: no data and no index is read. Every stream gets the same
-    number of whole batches, wrapping round to the start of the phase's sequence to fill the last ones.
+    """The whole epoch from per-shard counts: no data and no index is read. Every rank gets the same
+    number of whole batches, the fewest that cover the phase's sequence (fewer than ranks x batch
+    entries wrap round to its start to fill the last ones), dealt in turn to its streams.
     `done`: the phases of this epoch already run, as (world_size, streams_per_rank, batches per rank)
     each; the plan returned covers what they left, re-split over `world_size` x `streams_per_rank`."""
     if fmt == "webdataset":
@@ -191,10 +204,11 @@ def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: 
         if fmt == "zarr":   # one stream per rank, already shuffled; the workers share its batches in turn
             per_rank, buffer = 1, 0
         size = total if runs is None else int(runs[:, 1].sum())
+        batches = math.ceil(size / (world * batch_size))    # per rank, then dealt to its streams
         return EpochPlan(rows=rows, shard_order=shard_order, ends=ends,
-                         length=math.ceil(size / (world * per_rank * batch_size)) * batch_size, batch_size=batch_size,
-                         streams_per_rank=per_rank, shuffle_buffer=buffer, permutation=permutation, seed=seed,
-                         epoch=epoch, world_size=world, runs=runs, phase=number)
+                         length=math.ceil(batches / per_rank) * batch_size, batch_size=batch_size,
+                         streams_per_rank=per_rank, batches_per_rank=batches, shuffle_buffer=buffer,
+                         permutation=permutation, seed=seed, epoch=epoch, world_size=world, runs=runs, phase=number)
 
     runs = None
     for number, (world, per_rank, batches) in enumerate(done):
