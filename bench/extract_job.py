@@ -14,8 +14,10 @@ things keep that head start short: an unmeasured warm-up job on --warmup-videos 
 torch's compile cache (the measured runs' teachers start in seconds, not a minute), and
 --object-store-gb can cap what decode may buffer (Ray's default otherwise; a cap too small for the
 in-flight batches stalls the pipeline: see bench/RESULTS.md). The job's `teacher_busy_timeline`
-shows when the head start was used up; its `second_half` (the later half of those windows) is the
-steady state, and the bench divides the machine's cores busy then by the clips/s then.
+shows when the head start was used up; its `while_decoding` (the windows past the teachers' start
+and before decode's last) is the steady state: the bench divides the machine's cores busy then by the
+clips/s decode finished then. (Dividing by the teachers' rate instead, over the later half of the
+windows, read low: there the teachers drained the head start with the decoders already idle.)
 """
 
 from __future__ import annotations
@@ -118,18 +120,18 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
     clips = summary["clips_written"]
     return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
             "cpu_s_per_clip": cpu / clips if clips else None, **summary,
-            "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("second_half"), samples),
+            "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("while_decoding"), samples),
             "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib"],
                           "samples": samples}}
 
 
-def steady_cpu_per_clip(late: dict | None, samples: list[list[float]]) -> float | None:
-    """Machine CPU-seconds per clip over the job's second half (its `second_half`): the cores busy
-    in the samples taken then, over the clips/s the teachers finished then."""
-    cores = [s[1] for s in samples if late and s[0] >= late["from_unix_time"]]
-    if not cores or not late["clips_per_second"]:
+def steady_cpu_per_clip(steady: dict | None, samples: list[list[float]]) -> float | None:
+    """Machine CPU-seconds per decoded clip while decoding (the job's `while_decoding`): the cores busy
+    in the samples taken then, over the clips/s decode finished then."""
+    cores = [s[1] for s in samples if steady and steady["from_unix_time"] <= s[0] <= steady["to_unix_time"]]
+    if not cores or not steady["decoded_per_second"]:
         return None
-    return sum(cores) / len(cores) / late["clips_per_second"]
+    return sum(cores) / len(cores) / steady["decoded_per_second"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -172,15 +174,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
                                                  "cpus": os.cpu_count(), "commit": os.environ.get("COMMIT")}, indent=1))
     print("| decode | GPUs | CPUs | clips | by decoder | clips/s (teacher ready) | teacher busy | busy timeline "
-          "| machine CPU-s per clip | second half: clips/s | teacher busy | CPU-s per clip |")
-    print("|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|")
+          "| machine CPU-s per clip | while decoding: clips/s | decoded/s | teacher busy | CPU-s per decoded clip |")
+    print("|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        late = r["second_half"] or {}
-        steady = r["steady_cpu_s_per_clip"]
+        steady = r["while_decoding"] or {}
+        cpu = r["steady_cpu_s_per_clip"]
         print(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['clips_written']} | {r['clips_by_decoder']} | "
               f"{r['clips_per_second_teacher_ready']} | {r['teacher_busy_fraction']} | {r['teacher_busy_timeline']} | "
-              f"{r['cpu_s_per_clip']:.3f} | {late.get('clips_per_second')} | {late.get('teacher_busy')} | "
-              f"{'–' if steady is None else format(steady, '.3f')} |")
+              f"{r['cpu_s_per_clip']:.3f} | {steady.get('clips_per_second')} | {steady.get('decoded_per_second')} | "
+              f"{steady.get('teacher_busy')} | {'–' if cpu is None else format(cpu, '.3f')} |")
     return rows
 
 

@@ -385,7 +385,7 @@ def extract(cfg: ExtractConfig) -> dict:
     totals = final["summary"]
     busy, teacher_s = summary.busy_fraction(), summary.teacher_seconds()
     timeline = summary.timeline()
-    late = timeline.second_half()
+    steady = timeline.while_decoding()
     return {
         "store": cfg.output, "videos_in_input": len(videos), "videos_skipped_done": done,
         "videos_ok": totals["videos"], "videos_failed": totals["failed_videos"],
@@ -402,10 +402,12 @@ def extract(cfg: ExtractConfig) -> dict:
         # the first windows include decode's head start while the teachers load and compile
         "teacher_busy_timeline": timeline.text(timeline.busy),
         "clips_per_second_timeline": timeline.text(timeline.clips_per_s),
-        # the later half of the windows: past decode's head start, the rate a long run sustains
-        "second_half": None if late is None else {
-            "from_unix_time": round(late.since, 1), "teacher_busy": round(late.busy, 3),
-            "clips_per_second": round(late.clips_per_s, 2)},
+        "decoded_per_second_timeline": timeline.text(timeline.decoded_per_s),
+        # past the teachers' start and while decode still ran: the rates a long run sustains
+        "while_decoding": None if steady is None else {
+            "from_unix_time": round(steady.since, 1), "to_unix_time": round(steady.until, 1),
+            "teacher_busy": round(steady.busy, 3), "clips_per_second": round(steady.clips_per_s, 2),
+            "decoded_per_second": round(steady.decoded_per_s, 2)},
         "total_seconds": round(time.time() - started, 2),
     }
 

@@ -180,6 +180,7 @@ def clip_batch(uri: str, video_clips: int, decoded: Sequence[tuple[Any, Any, str
         "padded": np.array([p.padded for p, _ in pairs], dtype=np.int32),
         "video_clips": np.full(len(pairs), video_clips, dtype=np.int32),
         "decoder": np.array([decoder for _, _, decoder in decoded]),
+        "decoded_at": np.full(len(pairs), time.time()),      # unix time: the job's decode rate per window
         "frames": np.stack([f.frames for _, f in pairs]),
     }
 
@@ -406,38 +407,44 @@ BUSY_WINDOW_S = 30.0
 
 
 class Rates(NamedTuple):
-    """The teachers' work from `since` (unix time) to their last target."""
+    """The teachers' work and decode's output from `since` to `until` (unix times)."""
 
     since: float
+    until: float
     busy: float
     clips_per_s: float
+    decoded_per_s: float
 
 
 @dataclass(frozen=True)
 class TeacherTimeline:
     """What the teachers did per window of `width` seconds, from `start` (the first actor ready, unix
-    time) to `end` (the last target): their busy fraction and the clips/s they finished."""
+    time) to `end` (the last target): their busy fraction, the clips/s they finished, and the clips/s
+    decode finished in the same windows."""
 
     start: float
     end: float
     width: float
     busy: list[float]
     clips_per_s: list[float]
+    decoded_per_s: list[float]
     spans: list[float]          # seconds of each window inside [start, end]
 
     def text(self, values: list[float]) -> str:
         return f"per {self.width:g} s: " + " ".join(f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values)
 
-    def second_half(self) -> Rates | None:
-        """The later half of the windows: decode's head start (frames decoded while the teachers
-        loaded) is spent in the first, so on a run long enough this is the steady state. None without
-        windows."""
-        half = slice(len(self.spans) // 2, None)
-        seconds = sum(self.spans[half])
+    def while_decoding(self) -> Rates | None:
+        """The steady state: the windows after the first (the teachers' start, fed by decode's head
+        start) and before the last one in which decode still finished clips (after it the teachers
+        only drain what was decoded ahead, with the decoders idle). None when no such window exists."""
+        decoding = [i for i, d in enumerate(self.decoded_per_s) if d > 0]
+        steady = range(1, decoding[-1]) if decoding else range(0)
+        seconds = sum(self.spans[i] for i in steady)
         if not seconds:
             return None
-        weigh = lambda values: sum(v * s for v, s in zip(values[half], self.spans[half])) / seconds  # noqa: E731
-        return Rates(self.end - seconds, weigh(self.busy), weigh(self.clips_per_s))
+        weigh = lambda values: sum(values[i] * self.spans[i] for i in steady) / seconds  # noqa: E731
+        since = self.start + sum(self.spans[:steady.start])
+        return Rates(since, since + seconds, weigh(self.busy), weigh(self.clips_per_s), weigh(self.decoded_per_s))
 
 
 @dataclass
@@ -449,8 +456,9 @@ class WriteSummary:
     bytes: int = 0
     teacher: dict[str, list[float]] = field(default_factory=dict)   # actor -> [busy s, ready, last done]
     decoders: dict[str, int] = field(default_factory=dict)          # clips per decoder (ffmpeg, nvdec)
-    # [teacher busy seconds, clips] (all actors) by the BUSY_WINDOW_S window their call ended in: the
-    # timeline shows a starved teacher that the whole-job numbers hide behind decode's head start
+    # [teacher busy seconds, clips, clips decoded] (all actors) by BUSY_WINDOW_S window (of the
+    # teacher call's end; of the decode): the timeline shows a starved teacher that the whole-job
+    # numbers hide behind decode's head start
     windows: dict[int, list[float]] = field(default_factory=dict)
 
     def add(self, other: "WriteSummary") -> "WriteSummary":
@@ -461,8 +469,8 @@ class WriteSummary:
             self.decoders[decoder] = self.decoders.get(decoder, 0) + clips
         for actor, (busy, ready, done) in other.teacher.items():
             self._add_actor(actor, busy, ready, done)
-        for window, (busy, clips) in other.windows.items():
-            self._add_window(window, busy, clips)
+        for window, (busy, clips, decoded) in other.windows.items():
+            self._add_window(window, busy, clips, decoded)
         return self
 
     def add_teacher_call(self, actor: str, busy: float, ready: float, done: float, clips: int = 1) -> None:
@@ -476,10 +484,15 @@ class WriteSummary:
         mine[1] = min(mine[1], ready)
         mine[2] = max(mine[2], done)
 
-    def _add_window(self, window: int, busy: float, clips: int) -> None:
-        mine = self.windows.setdefault(window, [0.0, 0])
+    def add_decoded(self, at: float, clips: int = 1) -> None:
+        """Clips decode finished at unix time `at`."""
+        self._add_window(int(at // BUSY_WINDOW_S), 0.0, 0, clips)
+
+    def _add_window(self, window: int, busy: float, clips: int, decoded: int = 0) -> None:
+        mine = self.windows.setdefault(window, [0.0, 0, 0])
         mine[0] += busy
         mine[1] += clips
+        mine[2] += decoded
 
     def timeline(self, max_points: int = 48) -> TeacherTimeline:
         """The teacher's busy fraction and clips/s per window, from the first actor's start to the last
@@ -487,20 +500,22 @@ class WriteSummary:
         width until at most `max_points` remain, so a day-long job's stays short. Each call counts in
         the window it ended in, so a window can read slightly above 1."""
         if not self.teacher:
-            return TeacherTimeline(0.0, 0.0, BUSY_WINDOW_S, [], [], [])
+            return TeacherTimeline(0.0, 0.0, BUSY_WINDOW_S, [], [], [], [])
         start = min(r for _, r, _ in self.teacher.values())
         end = max(d for _, _, d in self.teacher.values())
         first, last = int(start // BUSY_WINDOW_S), int(end // BUSY_WINDOW_S)
-        sums = [self.windows.get(w, [0.0, 0]) for w in range(first, last + 1)]
-        busy, clips = [b for b, _ in sums], [c for _, c in sums]
+        sums = [self.windows.get(w, [0.0, 0, 0]) for w in range(first, last + 1)]
+        busy, clips, decoded = ([v[k] for v in sums] for k in range(3))
         span = [min(end, (w + 1) * BUSY_WINDOW_S) - max(start, w * BUSY_WINDOW_S) for w in range(first, last + 1)]
         width = BUSY_WINDOW_S
         while len(busy) > max_points:
-            busy, clips, span = ([sum(v[i:i + 2]) for i in range(0, len(v), 2)] for v in (busy, clips, span))
+            busy, clips, decoded, span = ([sum(v[i:i + 2]) for i in range(0, len(v), 2)]
+                                          for v in (busy, clips, decoded, span))
             width *= 2
         actors = len(self.teacher)
         return TeacherTimeline(start, end, width, [b / (s * actors) if s > 0 else 0.0 for b, s in zip(busy, span)],
-                               [c / s if s > 0 else 0.0 for c, s in zip(clips, span)], span)
+                               [c / s if s > 0 else 0.0 for c, s in zip(clips, span)],
+                               [d / s if s > 0 else 0.0 for d, s in zip(decoded, span)], span)
 
     def busy_fraction(self) -> float | None:
         wall = sum(done - ready for _, ready, done in self.teacher.values())
@@ -531,6 +546,8 @@ def write_shards(store: StoreWriter, batches: Iterable[Mapping[str, np.ndarray]]
             for row in batch_rows(batch):
                 if row.get("decoder") is not None:
                     summary.decoders[str(row["decoder"])] = summary.decoders.get(str(row["decoder"]), 0) + 1
+                if "decoded_at" in row:
+                    summary.add_decoded(float(row["decoded_at"]))
                 if "teacher_actor" in row:
                     summary.add_teacher_call(str(row["teacher_actor"]), float(row["teacher_busy"]),
                                              float(row["teacher_ready"]), float(row["teacher_done"]))

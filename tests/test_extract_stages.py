@@ -180,28 +180,34 @@ def test_teacher_stage_concurrent_calls(tmp_path):
         for busy, ready, done in zip(out[i]["teacher_busy"], out[i]["teacher_ready"], out[i]["teacher_done"]):
             summary.add_teacher_call(str(out[i]["teacher_actor"][0]), busy, ready, done)
     assert 0 < summary.busy_fraction() <= 1.0
-    assert sum(b for b, _ in summary.windows.values()) == pytest.approx(sum(b for b, _, _ in summary.teacher.values()))
-    assert sum(c for _, c in summary.windows.values()) == sum(len(out[i]["target"]) for i in range(len(batches)))
+    assert sum(b for b, _, _ in summary.windows.values()) == pytest.approx(sum(b for b, _, _ in summary.teacher.values()))
+    assert sum(c for _, c, _ in summary.windows.values()) == sum(len(out[i]["target"]) for i in range(len(batches)))
 
 
 def test_timeline_shows_a_teacher_starved_after_the_head_start():
     """Two actors busy the whole first 90 s (frames decoded during their start-up), then half the
     time: the whole-job fraction averages the two; the timeline shows when the starving began and
-    the clips/s that followed, and a long job's timeline stays short (windows double)."""
+    the clips/s that followed, and a long job's timeline stays short (windows double). The steady
+    state is taken while decode ran: past the first window, before decode's last."""
     summary = WriteSummary()
     t0 = 1_000_000 * BUSY_WINDOW_S          # a window boundary
     for actor in ("a", "b"):
         for second in range(180):       # one 1-s call per second: 4 clips busy 1 s, then 2 clips in 0.5 s
             summary.add_teacher_call(actor, 1.0 if second < 90 else 0.5, t0, t0 + second + 0.5,
                                      clips=4 if second < 90 else 2)
+    for second in range(-20, 165):      # decode: 6 clips/s from before the teachers were ready, done at 165 s
+        summary.add_decoded(t0 + second + 0.2, clips=6)
     timeline = summary.timeline()
     assert (timeline.start, timeline.end, timeline.width) == (t0, t0 + 179.5, BUSY_WINDOW_S)
     assert timeline.busy == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5], abs=0.01)
     assert timeline.clips_per_s == pytest.approx([8, 8, 8, 4, 4, 4], abs=0.1)
+    assert timeline.decoded_per_s == pytest.approx([6, 6, 6, 6, 6, 90 / 29.5], abs=0.01)   # the last: 15 s of 29.5
     assert timeline.text(timeline.busy).startswith("per 30 s: 1.00 1.00 1.00 0.50")
-    late = timeline.second_half()
-    assert (late.since, late.busy, late.clips_per_s) == (t0 + 90, pytest.approx(0.5, abs=0.01),
-                                                          pytest.approx(4, abs=0.1))
+    steady = timeline.while_decoding()          # windows 1-4: [30 s, 150 s)
+    assert (steady.since, steady.until) == (t0 + 30, t0 + 150)
+    assert (steady.busy, steady.clips_per_s, steady.decoded_per_s) == (
+        pytest.approx(0.75, abs=0.01), pytest.approx(6, abs=0.1), pytest.approx(6, abs=0.01))
+    assert WriteSummary().timeline().while_decoding() is None
     assert summary.busy_fraction() == pytest.approx(0.75, abs=0.01)
     coarse = summary.timeline(max_points=4)
     assert coarse.width == 2 * BUSY_WINDOW_S and coarse.busy == pytest.approx([1, 0.75, 0.5], abs=0.01)
