@@ -67,10 +67,23 @@ def make_inputs(directory: Path, videos: int, copies: int, seconds: float) -> Pa
     return inputs
 
 
+def ffmpeg_processes() -> int:
+    """ffmpeg processes running on this machine now: the CPU decodes in flight (one per ffmpeg slot
+    or decode task in use)."""
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            count += comm.read_text().startswith("ffmpeg")
+        except OSError:         # the process ended meanwhile
+            pass
+    return count
+
+
 class ResourceSampler(threading.Thread):
     """Every `every` s while a run goes: [unix time, machine cores busy, Ray CPUs in use, object store
-    GiB in use], so a slow run shows whether cores, Ray's CPU slots or the object store ran out (Ray
-    Data's progress lines say it too, but only in the log)."""
+    GiB in use, ffmpeg processes], so a slow run shows whether cores, Ray's CPU slots, the object store
+    or the decode slots ran out (the H200 x2's 2-GPU run left 8 of 32 cores idle while decode-bound:
+    the ffmpeg count says whether its 26 ffmpeg slots were in use)."""
 
     def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
@@ -86,7 +99,7 @@ class ResourceSampler(threading.Thread):
             self.samples.append([round(now, 1), round((cpu - last_cpu) / (now - last_t), 2),
                                  total.get("CPU", 0) - free.get("CPU", 0),
                                  round((total.get("object_store_memory", 0) - free.get("object_store_memory", 0))
-                                       / 2**30, 2)])
+                                       / 2**30, 2), ffmpeg_processes()])
             last_t, last_cpu = now, cpu
 
     def stop(self) -> list[list[float]]:
@@ -121,7 +134,8 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
     return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
             "cpu_s_per_clip": cpu / clips if clips else None, **summary,
             "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("while_decoding"), samples),
-            "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib"],
+            "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib",
+                                      "ffmpeg_processes"],
                           "samples": samples}}
 
 

@@ -30,7 +30,8 @@ def test_extract_job_bench_runs_the_job_and_samples_resources(tmp_path):
     assert row["decoded_per_second_timeline"].startswith("per 30 s: ")
     assert "while_decoding" in row and "steady_cpu_s_per_clip" in row   # None on a run shorter than 3 windows
     samples = row["resources"]["samples"]
-    assert samples and all(len(s) == 4 and 0 <= s[2] <= 2 for s in samples)    # at most the run's 2 Ray CPUs
+    assert samples and all(len(s) == 5 and 0 <= s[2] <= 2 for s in samples)    # at most the run's 2 Ray CPUs
+    assert all(isinstance(s[4], int) and s[4] >= 0 for s in samples)
 
 
 def test_extract_scaling_bench_runs_one_process_per_device(tmp_path):
