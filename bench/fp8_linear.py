@@ -4,8 +4,9 @@ teacher's shapes for 256 frames (M = 256 x 1025 tokens). Then one compiled `vitb
 full resolution for 256 frames (64 clips x 4 frames x 32 x 32 tokens), as the latency path runs it:
 bf16 with fc1's bias + GELU in the matmul epilogue, against FP8 on every linear, on the attention's
 (qkv, proj: their inputs' quantisation fuses into LayerNorm and the attention output) or on the MLP's
-only (fc1's FP8 GEMM loses the GELU epilogue, and fc2's input is the 4x-wide hidden tensor).
-Needs a CUDA GPU with FP8 (sm_89+).
+only (fc1's FP8 GEMM loses the GELU epilogue, and fc2's input is the 4x-wide hidden tensor); each
+also with static activation scales (`pipeline.fp8.input_amax`, calibrated on the timed input itself,
+so its cosine is an upper bound for unseen clips). Needs a CUDA GPU with FP8 (sm_89+).
 
     python3 bench/fp8_linear.py
 """
@@ -20,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository before bench/ (bench/student.py)
 
-from pipeline.fp8 import FP8Linear, convert_linears, quantize_rows, require_fp8  # noqa: E402
+from pipeline.fp8 import FP8Linear, convert_linears, input_amax, quantize_rows, require_fp8  # noqa: E402
 
 M = 256 * 1025
 SHAPES = ((1024, 3072), (1024, 4096), (4096, 1024))   # qkv, fc1, fc2 as (K, N)
@@ -39,8 +40,9 @@ def cuda_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def student_block(fp8: str) -> nn.Module:
-    """A vitb block (random weights) in bf16, its linears FP8 where `fp8` says: none, all, attention, mlp."""
+def student_block(fp8: str, static: bool, x: torch.Tensor) -> nn.Module:
+    """A vitb block (random weights) in bf16, its linears FP8 where `fp8` says (none, all, attention,
+    mlp), with static activation scales calibrated on `x` if `static`."""
     from student.modeling import Block
     from student.presets import preset_config
 
@@ -49,7 +51,8 @@ def student_block(fp8: str) -> nn.Module:
     block.mlp.fused_gelu = fp8 in ("none", "attention")      # the epilogue needs fc1 in bf16
     parts = {"none": [], "all": [block], "attention": [block.attn], "mlp": [block.mlp]}[fp8]
     for part in parts:
-        convert_linears(part, fast_accum=True)                # as FastEncoder(fp8=True) converts
+        amax = input_amax(part, lambda: block(x)) if static else None
+        convert_linears(part, fast_accum=True, input_amax=amax)   # as FastEncoder(fp8=True) converts
     return block
 
 
@@ -57,15 +60,17 @@ def student_block(fp8: str) -> nn.Module:
 def blocks() -> None:
     x = torch.randn(64, 4, 32, 32, 768, device="cuda", dtype=torch.bfloat16)
     ref = None
-    print("| vitb block, 256 frames | ms | vs bf16 | output cosine vs bf16 |")
-    print("|---|---:|---:|---:|")
-    for fp8 in ("none", "all", "attention", "mlp"):
-        block = torch.compile(student_block(fp8), dynamic=False)
+    print("| vitb block, 256 frames | activation scales | ms | vs bf16 | output cosine vs bf16 |")
+    print("|---|---|---:|---:|---:|")
+    for fp8, static in (("none", False), ("all", False), ("attention", False), ("mlp", False),
+                        ("all", True), ("attention", True), ("mlp", True)):
+        block = torch.compile(student_block(fp8, static, x), dynamic=False)
         ms = cuda_ms(lambda: block(x))
         out = block(x).float().flatten()
         ref = (ms, out) if ref is None else ref
         cos = torch.nn.functional.cosine_similarity(out, ref[1], dim=0).item()
-        print(f"| FP8 linears: {fp8} | {ms:.2f} | {ref[0] / ms:.2f}x | {cos:.5f} |", flush=True)
+        scales = "–" if fp8 == "none" else "static" if static else "per row"
+        print(f"| FP8 linears: {fp8} | {scales} | {ms:.2f} | {ref[0] / ms:.2f}x | {cos:.5f} |", flush=True)
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ import pipeline.teacher
 import student.fast
 from pipeline.compress import Compression, compress_tokens
 from pipeline.fp8 import (E4M3, E4M3_MAX, FP8Linear, FP8UnsupportedError, convert_linears, fp8_unsupported_reason,
-                          quantize_rows, require_fp8)
+                          input_amax, quantize_rows, require_fp8)
 from pipeline.teacher import FLOAT8, Teacher, TeacherError
 from pipeline.testing import make_tiny_teacher
 from student import LiteFrameModel, preset_config
@@ -112,6 +112,30 @@ def test_fp8_linear_is_the_emulated_math_and_close_to_float32(bias):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)   # same rounding, only the sum order differs
     # e4m3's 3 mantissa bits on both operands: a few % relative error on random data.
     assert rel_err(out, exact) < 0.05 and cosine(out, exact) > 0.998
+
+
+@cpu_scaled_mm
+def test_static_scales_from_calibration_are_per_tensor_e4m3_and_saturate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+    calib = torch.randn(50, 64)
+    amax = input_amax(model, lambda: model(calib))
+    assert not model[0]._forward_pre_hooks                  # calibration leaves no hooks behind
+    with torch.no_grad():
+        assert set(amax) == {"0", "2"} and amax["0"] == pytest.approx(float(calib.abs().max()))
+        assert amax["2"] == pytest.approx(float(model[1](model[0](calib)).abs().max()))
+        exact = model(calib)
+        layer = FP8Linear(model[0], fast_accum=False, input_amax=amax["0"])
+        scale = amax["0"] / 448.0
+        ref = (calib / scale).to(E4M3).float() * scale @ emulate_row_fp8(model[0].weight).t() + model[0].bias
+        torch.testing.assert_close(layer(calib), ref, rtol=1e-5, atol=1e-5)
+        # an input past the calibrated range saturates at 448 x scale
+        torch.testing.assert_close(layer(calib * 10), layer((calib * 10).clamp(-amax["0"], amax["0"])))
+        convert_linears(model, fast_accum=False, input_amax=amax)
+        assert all(m.input_scale is not None for m in model if isinstance(m, FP8Linear))
+        assert cosine(model(calib), exact) > 0.998
+    with pytest.raises(ValueError, match="no calibrated input range for linear"):
+        convert_linears(nn.Sequential(nn.Linear(16, 16)), fast_accum=False, input_amax={"1": 1.0})
 
 
 # -- which layers ----------------------------------------------------------------------------------
