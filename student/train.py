@@ -44,8 +44,8 @@ from pipeline.training.guards import NonFiniteGuard, all_finite
 from pipeline.training.metrics import MetricsLog, StepTimer, drop_after
 from pipeline.training.resume import check_unchanged
 from pipeline.training.schedule import warmup_cosine
-from student.data import (FORMATS, Selection, StoreInfo, TrainData, check_store_matches, eval_batches,
-                          heldout_split, jitter_frames, read_store, synthetic_batches)
+from student.data import (FORMATS, PLAN_VERSION, Selection, StoreInfo, TrainData, check_store_matches,
+                          eval_batches, heldout_split, jitter_frames, read_store, synthetic_batches)
 from student.evaluate import evaluate
 from student.loss import LOSSES, distill_loss
 
@@ -164,6 +164,17 @@ def loader_phases(loader: dict[str, Any], world_size: int, streams_per_rank: int
     if stopped != [world_size, streams_per_rank] and batch > 0:
         phases, batch = [*phases, [*stopped, batch]], 0
     return phases, batch
+
+
+def stale_plan(loader: dict[str, Any]) -> str | None:
+    """Why a checkpoint's loader position may not resume its epoch exactly, or None: one written by an
+    older epoch split stopped mid-epoch with several streams per rank, whose finished phases the
+    current split would replay differently (that epoch's rest may then repeat or miss some clips)."""
+    phases = [*loader.get("phases", []), [loader.get("world_size"), loader.get("streams_per_rank", 1), loader["batch"]]]
+    if loader.get("plan", 1) == PLAN_VERSION or not any(b > 0 and streams > 1 for _, streams, b in phases):
+        return None
+    return (f"this checkpoint's epoch {loader['epoch']} was split by loader plan {loader.get('plan', 1)}, this code "
+            f"splits by plan {PLAN_VERSION}: the rest of that epoch may repeat or miss some clips; later epochs are exact")
 
 
 def build_student(cfg: TrainConfig, info: StoreInfo) -> torch.nn.Module:
@@ -302,6 +313,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
         rng.restore(rng_states, env)
         step, epoch = state["step"], state["loader"]["epoch"]
         phases, batch_in_epoch = loader_phases(state["loader"], env.world_size, data.streams_per_rank)
+        if env.main and (why := stale_plan(state["loader"])):
+            print(f"warning: {why}", file=sys.stderr, flush=True)
         health = state.get("health", {})
         # each rank's budget: the counts of the old ranks it stands for (all of them, however many)
         old = health.get("bad_clips", [])
@@ -414,7 +427,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, Any]], None] | None
                 if env.main:
                     checkpoint.save(ckpt_dir, step, trainer.module, trainer.optimizer, {
                         "step": step, "loader": {
-                            "epoch": epoch, "batch": batch_in_epoch, "phases": phases,
+                            "epoch": epoch, "batch": batch_in_epoch, "phases": phases, "plan": PLAN_VERSION,
                             "world_size": env.world_size, "streams_per_rank": data.streams_per_rank,
                             # clips of the epoch read by all ranks together
                             "samples": (sum(w * b for w, _, b in phases) + env.world_size * batch_in_epoch)

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from student import data as sd
+from student.data import PLAN_VERSION
+from student.train import stale_plan
 from tests.test_student_data import write_tiny_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +104,7 @@ def test_two_ranks_then_one_then_three(store, tmp_path):
     _torchrun(1, store, run, "--num-workers", "2", "--stop-after", "2", "--resume")   # 4 on 1 rank, 2 streams
     state = json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["loader"] == {"epoch": 0, "batch": 2, "phases": [[2, 1, 2]], "world_size": 1,
-                               "streams_per_rank": 2, "samples": 12}
+                               "streams_per_rank": 2, "samples": 12, "plan": PLAN_VERSION}
     again = shutil.copytree(run, tmp_path / "again")
     for out in (run, again):            # the last 12 clips on 3 ranks, then 2 steps of epoch 1
         _torchrun(3, store, out, "--num-workers", "1", "--resume")
@@ -123,6 +125,15 @@ def test_two_ranks_then_one_then_three(store, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_checkpoint_split_by_an_older_plan_is_flagged_where_it_matters():
+    old = {"epoch": 3, "batch": 2, "phases": [], "world_size": 2, "streams_per_rank": 2}
+    assert "epoch 3 was split by loader plan 1" in stale_plan(old)
+    assert "later epochs are exact" in stale_plan({**old, "batch": 0, "phases": [[4, 2, 5]]})
+    assert stale_plan({**old, "plan": PLAN_VERSION}) is None
+    assert stale_plan({**old, "streams_per_rank": 1}) is None      # one stream per rank: both plans alike
+    assert stale_plan({**old, "batch": 0}) is None                  # at an epoch's start: nothing to replay
+
+
 def test_two_ranks_of_two_workers_then_one_then_two(store, tmp_path):
     """The GPU run's shape: the 10 clips left for the last phase take 3 steps on 2 ranks (2 repeats,
     less than one global batch of 4), not 2 x ceil(10 / 8) = 4 steps of whole batches per worker."""
@@ -132,7 +143,7 @@ def test_two_ranks_of_two_workers_then_one_then_two(store, tmp_path):
     _torchrun(1, store, run, *common, "--stop-after", "3", "--resume")      # 6 clips
     state = json.loads((run / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert state["loader"] == {"epoch": 0, "batch": 3, "phases": [[2, 2, 2]], "world_size": 1,
-                               "streams_per_rank": 2, "samples": 14}
+                               "streams_per_rank": 2, "samples": 14, "plan": PLAN_VERSION}
     _torchrun(2, store, run, *common, "--resume")       # the last 10 clips, then 2 steps of epoch 1
     records = _traces(run)
     epoch0 = [c for r in records if r["epoch"] == 0 for c in r["clip_id"]]

@@ -23,13 +23,13 @@ One module per idea, each saying more:
 from student.data.errors import StoreContentError, TooManyBadClipsError
 from student.data.loader import TrainData, epoch_clip_ids, eval_batches, jitter_frames
 from student.data.order import FeistelPermutation, ShuffleBuffer
-from student.data.plan import EpochPlan, plan_epoch, rank_batches
+from student.data.plan import PLAN_VERSION, EpochPlan, plan_epoch, rank_batches
 from student.data.selection import Selection, heldout_split
 from student.data.store import FORMATS, SchemaMismatchError, StoreInfo, check_store_matches, read_store
 from student.data.synthetic import synthetic_batches
 
 __all__ = [
-    "FORMATS", "EpochPlan", "FeistelPermutation", "SchemaMismatchError", "Selection", "ShuffleBuffer",
+    "FORMATS", "PLAN_VERSION", "EpochPlan", "FeistelPermutation", "SchemaMismatchError", "Selection", "ShuffleBuffer",
     "StoreContentError", "StoreInfo", "TooManyBadClipsError", "TrainData", "check_store_matches", "epoch_clip_ids",
     "eval_batches", "heldout_split", "jitter_frames", "plan_epoch", "rank_batches", "read_store", "synthetic_batches",
 ]

@@ -180,6 +180,12 @@ class EpochPlan:
         return out
 
 
+# How an epoch is split, recorded with each checkpoint's loader position. 2: a rank's whole batches
+# dealt to its streams in turn (1: every stream rounded up to whole batches, which repeated up to a
+# global batch per loader worker). Both split alike with one stream per rank.
+PLAN_VERSION = 2
+
+
 def plan_epoch(rows: Selection, *, fmt: str, seed: int, epoch: int, world_size: int, streams_per_rank: int,
                batch_size: int, shuffle_buffer: int, done: Any = ()) -> EpochPlan:
     """The whole epoch from per-shard counts: no data and no index is read. Every rank gets the same
