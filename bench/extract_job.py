@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +109,38 @@ class ResourceSampler(threading.Thread):
         return self.samples
 
 
-def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> dict:
+@dataclass(frozen=True)
+class Run:
+    """One measured run, `MODE:GPUS[:SLOTS]` on the command line: SLOTS sets --decode-cpu-slots (the
+    ffmpeg calls beside NVDEC's per GPU; fewer push more videos to NVDEC, at the risk of starving the
+    teacher)."""
+
+    mode: str
+    gpus: int
+    slots: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Run":
+        mode, gpus, slots = (spec.split(":") + ["", ""])[:3]
+        return cls(mode, int(gpus or 0), int(slots) if slots else None)
+
+    def __str__(self) -> str:
+        return f"{self.mode}-{self.gpus}" + (f"-{self.slots}" if self.slots is not None else "")
+
+
+def run(inputs: Path, teacher: Path, out: Path, spec: Run, args) -> dict:
     import ray
 
     from jobs.extract import ExtractConfig, extract
 
+    mode, gpus = spec.mode, spec.gpus
     cpus = max(gpus, 1) * args.cpus_per_gpu
     store_bytes = int(args.object_store_gb * 1e9) if args.object_store_gb else None
     ray.init(address="local", num_gpus=gpus, num_cpus=cpus, object_store_memory=store_bytes, include_dashboard=False)
     try:
         cfg = ExtractConfig(input=str(inputs), output=str(out), teacher=str(teacher), views=2, fps=(1.0, 4.0),
-                            formats=("webdataset",), decode_device=mode, ray_address="auto")
+                            formats=("webdataset",), decode_device=mode, decode_cpu_slots=spec.slots,
+                            ray_address="auto")
         sampler = ResourceSampler()
         sampler.start()
         before, t0 = cpu_seconds(), time.time()
@@ -131,7 +153,7 @@ def run(inputs: Path, teacher: Path, out: Path, mode: str, gpus: int, args) -> d
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)      # runs of 10^4 clips write GBs
     clips = summary["clips_written"]
-    return {"mode": mode, "gpus": gpus, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
+    return {"mode": mode, "gpus": gpus, "decode_cpu_slots": spec.slots, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
             "cpu_s_per_clip": cpu / clips if clips else None, **summary,
             "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("while_decoding"), samples),
             "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib",
@@ -150,7 +172,8 @@ def steady_cpu_per_clip(steady: dict | None, samples: list[list[float]]) -> floa
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="cpu:1,auto:1", help="MODE:GPUS, comma-separated (mode: cpu, auto, gpu)")
+    parser.add_argument("--runs", default="cpu:1,auto:1",
+                        help="MODE:GPUS[:SLOTS], comma-separated (mode: cpu, auto, gpu; SLOTS: --decode-cpu-slots)")
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each synthetic video")
@@ -177,12 +200,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             warmup.mkdir()
             for path in sorted((work / "originals").iterdir())[:args.warmup_videos]:
                 os.link(path, warmup / path.name)
-            mode, _, gpus = args.runs.split(",")[0].partition(":")
-            print("warm-up:", json.dumps(run(warmup, teacher, work / "store-warmup", mode, int(gpus or 0), args)),
-                  flush=True)
-        for spec in args.runs.split(","):
-            mode, _, gpus = spec.partition(":")
-            rows.append(run(inputs, teacher, work / f"store-{mode}-{gpus}", mode, int(gpus or 0), args))
+            first = Run.parse(args.runs.split(",")[0])
+            print("warm-up:", json.dumps(run(warmup, teacher, work / "store-warmup", first, args)), flush=True)
+        for spec in map(Run.parse, args.runs.split(",")):
+            rows.append(run(inputs, teacher, work / f"store-{spec}", spec, args))
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
@@ -193,7 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         steady = r["while_decoding"] or {}
         cpu = r["steady_cpu_s_per_clip"]
-        print(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['clips_written']} | {r['clips_by_decoder']} | "
+        slots = "" if r["decode_cpu_slots"] is None else f" ({r['decode_cpu_slots']} CPU slots)"
+        print(f"| {r['mode']}{slots} | {r['gpus']} | {r['cpus']} | {r['clips_written']} | {r['clips_by_decoder']} | "
               f"{r['clips_per_second_teacher_ready']} | {r['teacher_busy_fraction']} | {r['teacher_busy_timeline']} | "
               f"{r['cpu_s_per_clip']:.3f} | {steady.get('clips_per_second')} | {steady.get('decoded_per_second')} | "
               f"{steady.get('teacher_busy')} | {'–' if cpu is None else format(cpu, '.3f')} |")

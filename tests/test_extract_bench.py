@@ -23,7 +23,7 @@ def test_extract_job_bench_runs_the_job_and_samples_resources(tmp_path):
     _bench("extract_job.py", "--runs", "cpu:0", "--videos", "2", "--copies", "2", "--seconds", "4", "--shape", "tiny",
            "--cpus-per-gpu", "2", "--warmup-videos", "0", "--json", str(out))
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["mode"] == "cpu" and row["videos_ok"] == 4 and row["clips_written"] == row["store_clips"] > 0
+    assert row["mode"] == "cpu" and row["decode_cpu_slots"] is None and row["videos_ok"] == 4 and row["clips_written"] == row["store_clips"] > 0
     assert row["clips_by_decoder"] == {"ffmpeg": row["clips_written"]} and row["cpu_s_per_clip"] > 0
     assert row["teacher_busy_timeline"].startswith("per 30 s: ")
     assert row["clips_per_second_timeline"].startswith("per 30 s: ")
@@ -32,6 +32,14 @@ def test_extract_job_bench_runs_the_job_and_samples_resources(tmp_path):
     samples = row["resources"]["samples"]
     assert samples and all(len(s) == 5 and 0 <= s[2] <= 2 for s in samples)    # at most the run's 2 Ray CPUs
     assert all(isinstance(s[4], int) and s[4] >= 0 for s in samples)
+
+
+def test_extract_job_run_specs():
+    sys.path.insert(0, str(REPO / "bench"))
+    from extract_job import Run
+
+    assert Run.parse("auto:2:6") == Run("auto", 2, 6) and str(Run.parse("auto:2:6")) == "auto-2-6"
+    assert Run.parse("cpu:1") == Run("cpu", 1, None) and Run.parse("cpu") == Run("cpu", 0, None)
 
 
 def test_extract_scaling_bench_runs_one_process_per_device(tmp_path):
