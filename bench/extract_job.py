@@ -46,6 +46,53 @@ def cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU-seconds so far: user and system time, its reaped children's included, so an
+    ffmpeg call's CPU lands on the decode worker that waited for it)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()       # from field 3 (state) on
+            argv = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:              # the process ended meanwhile
+            continue
+        out[int(stat.parent.name)] = (process_role(argv), sum(int(v) for v in fields[11:15]) / tick)
+    return out
+
+
+def process_role(argv: list[str]) -> str:
+    """`ray::<title>` for a Ray worker, `python <script or -m module>`, else the program's name."""
+    if argv[0].startswith("ray::"):          # `ray::MapWorker(MapBatches(TeacherStage)).__init__`: no method
+        return argv[0].split()[0].split(".", 1)[0]
+    name = Path(argv[0]).name or "(kernel)"
+    if name.startswith("python") and len(argv) > 1:
+        return f"python {' '.join(argv[1:3]) if argv[1] == '-m' else Path(argv[1]).name}"
+    return name
+
+
+class ProcessCpu:
+    """CPU-seconds per role over a run, from `process_cpu` snapshots (`take` each sample): a process
+    counts from its first snapshot (0 if it started later) to its last, under the last role it had
+    that was not `ray::IDLE` (Ray's task workers rename themselves per task and idle in between;
+    actors are gone by the run's end). A process that ends loses what it did after its last snapshot."""
+
+    def __init__(self):
+        self.first = {pid: cpu for pid, (_, cpu) in process_cpu().items()}
+        self.last: dict[int, tuple[str, float]] = {}
+
+    def take(self) -> None:
+        for pid, (role, cpu) in process_cpu().items():
+            known = self.last.get(pid)
+            self.last[pid] = (known[0] if known and role == "ray::IDLE" else role, cpu)
+
+    def by_role(self) -> dict[str, float]:
+        """CPU-seconds per role, largest first."""
+        roles: dict[str, float] = {}
+        for pid, (role, cpu) in self.last.items():
+            roles[role] = roles.get(role, 0.0) + cpu - self.first.get(pid, 0.0)
+        return dict(sorted(roles.items(), key=lambda kv: -kv[1]))
+
+
 def make_one(job: tuple[str, int, float]) -> None:
     from pipeline.samples import make_video
 
@@ -89,6 +136,7 @@ class ResourceSampler(threading.Thread):
     def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
         self.every, self.samples, self.halt = every, [], threading.Event()
+        self.processes = ProcessCpu()
 
     def run(self) -> None:
         import ray
@@ -101,12 +149,15 @@ class ResourceSampler(threading.Thread):
                                  total.get("CPU", 0) - free.get("CPU", 0),
                                  round((total.get("object_store_memory", 0) - free.get("object_store_memory", 0))
                                        / 2**30, 2), ffmpeg_processes()])
+            self.processes.take()
             last_t, last_cpu = now, cpu
 
-    def stop(self) -> list[list[float]]:
+    def stop(self) -> tuple[list[list[float]], dict[str, float]]:
+        """The samples, and CPU-seconds per process role over the run."""
         self.halt.set()
         self.join()
-        return self.samples
+        self.processes.take()
+        return self.samples, self.processes.by_role()
 
 
 @dataclass(frozen=True)
@@ -147,7 +198,7 @@ def run(inputs: Path, teacher: Path, out: Path, spec: Run, args) -> dict:
         try:
             summary = extract(cfg)
         finally:
-            samples = sampler.stop()
+            samples, roles = sampler.stop()
         cpu, wall = cpu_seconds() - before, time.time() - t0
     finally:
         ray.shutdown()
@@ -155,6 +206,9 @@ def run(inputs: Path, teacher: Path, out: Path, spec: Run, args) -> dict:
     clips = summary["clips_written"]
     return {"mode": mode, "gpus": gpus, "decode_cpu_slots": spec.slots, "cpus": cpus, "wall_s": wall, "machine_cpu_s": cpu,
             "cpu_s_per_clip": cpu / clips if clips else None, **summary,
+            # where the machine's CPU went (the ten largest roles): decode workers, teachers, writers, Ray
+            "cpu_s_per_clip_by_process": {role: round(s / clips, 4) for role, s in list(roles.items())[:10]}
+            if clips else None,
             "steady_cpu_s_per_clip": steady_cpu_per_clip(summary.get("while_decoding"), samples),
             "resources": {"columns": ["unix_time", "machine_cores_busy", "ray_cpus_used", "object_store_gib",
                                       "ffmpeg_processes"],
