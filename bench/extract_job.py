@@ -74,7 +74,9 @@ class ProcessCpu:
     """CPU-seconds per role over a run, from `process_cpu` snapshots (`take` each sample): a process
     counts from its first snapshot (0 if it started later) to its last, under the last role it had
     that was not `ray::IDLE` (Ray's task workers rename themselves per task and idle in between;
-    actors are gone by the run's end). A process that ends loses what it did after its last snapshot."""
+    actors are gone by the run's end). A process that ends loses what it did after its last snapshot;
+    a child seen alive and then reaped counts twice (itself, then in its parent). Where the CPU goes,
+    not an exact sum."""
 
     def __init__(self):
         self.first = {pid: cpu for pid, (_, cpu) in process_cpu().items()}

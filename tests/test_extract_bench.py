@@ -27,7 +27,8 @@ def test_extract_job_bench_runs_the_job_and_samples_resources(tmp_path):
     assert row["clips_by_decoder"] == {"ffmpeg": row["clips_written"]} and row["cpu_s_per_clip"] > 0
     roles = row["cpu_s_per_clip_by_process"]
     assert roles and any(role.startswith("ray::") for role in roles), roles      # Ray workers by title
-    assert sum(roles.values()) <= 1.2 * row["cpu_s_per_clip"]     # a share of the machine's CPU
+    # a share of the machine's CPU (a child seen alive and then reaped counts twice: bounded, not exact)
+    assert 0 < sum(roles.values()) <= 2 * row["cpu_s_per_clip"]
     assert row["teacher_busy_timeline"].startswith("per 30 s: ")
     assert row["clips_per_second_timeline"].startswith("per 30 s: ")
     assert row["decoded_per_second_timeline"].startswith("per 30 s: ")
