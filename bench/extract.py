@@ -61,21 +61,23 @@ class Variant(NamedTuple):
     compile_kw: dict | None          # torch.compile kwargs; None = eager
     attention: tuple[str, ...]       # SDPA backends by priority; () = torch's choice
     dtype: str | None                # the teacher's dtype: "float8", or None = bf16 on GPU, float32 on CPU
+    static_fp8: bool = False         # FP8 with calibrated static activation scales (part teacher only)
 
 
 def variant_options(variant: str) -> Variant:
     """'eager' | 'compile' | 'compile-cudagraphs', each optionally '-cudnn' (cuDNN SDPA first) and
-    '-fp8' (FP8 block linears). Static shapes: one graph per batch size. '-static' matters in the
-    pipeline/decode parts only: see `_stage`."""
+    '-fp8' (FP8 block linears) or '-fp8static' (the same with static activation scales calibrated on
+    CALIBRATION_CLIPS random clips; part teacher only). Static shapes: one graph per batch size.
+    '-static' matters in the pipeline/decode parts only: see `_stage`."""
     words = variant.split("-")
-    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn", "static", "fp8"}
+    unknown = set(words) - {"eager", "compile", "cudagraphs", "cudnn", "static", "fp8", "fp8static"}
     if unknown or words[0] not in ("eager", "compile"):
         raise ValueError(f"unknown variant {variant!r}")
     compile_kw = None
     if words[0] == "compile":
         compile_kw = {"dynamic": False, **({"mode": "reduce-overhead"} if "cudagraphs" in words else {})}
     return Variant(compile_kw, ("cudnn", "flash", "efficient") if "cudnn" in words else (),
-                   FLOAT8 if "fp8" in words else None)
+                   FLOAT8 if {"fp8", "fp8static"} & set(words) else None, "fp8static" in words)
 
 
 def _skipped(part: str, variant: str, device: torch.device) -> dict | None:
@@ -210,12 +212,20 @@ def make_teacher_dir(directory: Path, shape: dict, device: torch.device) -> Path
     return directory
 
 
+CALIBRATION_CLIPS = 16
+
+
 def _load_teacher(path: Path, device: torch.device, variant: str, fpf: int):
     from pipeline.teacher import Teacher
 
     options = variant_options(variant)
     teacher = Teacher.from_pretrained(path, device=device, batch_size=fpf, attention_backends=options.attention,
-                                      dtype=options.dtype)
+                                      dtype="bfloat16" if options.static_fp8 else options.dtype)
+    if options.static_fp8:     # calibrated on other random clips than the ones timed and compared
+        gen = torch.Generator(device=device).manual_seed(1)
+        size = teacher.image_size
+        teacher.use_fp8(teacher.calibrate_fp8(torch.randint(0, 256, (CALIBRATION_CLIPS, 4, size, size, 3),
+                                                            dtype=torch.uint8, device=device, generator=gen)))
     if options.compile_kw is not None:
         teacher.compile_tokens(**options.compile_kw)
     return teacher
@@ -319,6 +329,8 @@ def _stage(path: Path, device: torch.device, variant: str, fpf: int):
     from pipeline.stages import TeacherStage
 
     options = variant_options(variant)
+    if options.static_fp8:
+        raise ValueError(f"{variant}: static FP8 scales are benchmarked in part teacher only")
     as_job = variant.removesuffix("-fp8") == "compile"
     stage = TeacherStage(str(path), compression=Compression(), target_dtype="float16", device=str(device),
                          dtype=options.dtype or ("bfloat16" if device.type == "cuda" else "float32"),

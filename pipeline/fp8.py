@@ -15,7 +15,8 @@ Static scales (`input_amax`, then `convert_linears(input_amax=...)`): one scale 
 calibration pass, so quantising needs no row max at all. Why it exists: on the H200 a compiled
 student block lost 12% with dynamic rows on every linear (the MLP's 4096-wide row max costs more than
 its FP8 GEMM saves; bench/RESULTS.md); whether static scales pay, and at what accuracy, is measured
-by bench/fp8_linear.py, and nothing uses them by default.
+by bench/fp8_linear.py (a student block) and bench/extract.py's `-fp8static` (the teacher,
+`Teacher.calibrate_fp8` then `use_fp8`); the jobs do not use them yet.
 
 Own code rather than torchao 0.18.0 (`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`
 is the same recipe, and its wheel loads its compiled extensions on any torch >= 2.11, so version

@@ -24,13 +24,14 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.fp8 import convert_linears, fp8_unsupported_reason
+from pipeline.fp8 import input_amax as linear_input_amax
 from pipeline.preprocess import PREPROCESSOR_CONFIG, Preprocessing, as_tensor
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class Teacher(nn.Module):
         if unknown:
             raise TeacherError(f"unknown attention backends {sorted(unknown)}; choose from {ATTENTION_BACKENDS}")
         self.attention_backends = tuple(attention_backends or ())
-        self.fp8 = False   # set by from_pretrained(dtype="float8") once the blocks' linears are FP8
+        self.fp8 = False   # set by use_fp8 (from_pretrained(dtype="float8")) once the blocks' linears are FP8
+        self.fp8_static = False     # ... with calibrated static activation scales (calibrate_fp8)
         self._copy_stream: torch.cuda.Stream | None = None
         # Per thread: a Ray actor with max_concurrency > 1 runs encode in several threads at once.
         self._captured = threading.local()
@@ -187,11 +189,25 @@ class Teacher(nn.Module):
                       attention_backends=attention_backends)
         teacher = teacher.to(device=device, dtype=dtype)
         if fp8:
-            convert_linears(teacher._layers(), fast_accum=False)
-            teacher.fp8 = True
+            teacher.use_fp8()
         if compile:
             teacher.compile_tokens()
         return teacher
+
+    def calibrate_fp8(self, frames: Any) -> dict[str, float]:
+        """Each block linear's max |input| over `frames` ([clips, T, H, W, 3] uint8), run on this (not yet
+        FP8) teacher: the static activation scales `use_fp8` can take."""
+        if self.fp8:
+            raise TeacherError("calibrate_fp8 needs the teacher before use_fp8: its inputs, not FP8's")
+        with torch.inference_mode():
+            return linear_input_amax(self._layers(), lambda: self.encode(frames))
+
+    def use_fp8(self, input_amax: Mapping[str, float] | None = None) -> None:
+        """The blocks' linear layers as FP8 matmuls (float32 accumulation: targets are stored data), their
+        activations quantised per row, or with `input_amax`'s static scales (`calibrate_fp8`; described as
+        dtype "float8-static", since the scales change the targets). Before compile_tokens."""
+        convert_linears(self._layers(), fast_accum=False, input_amax=input_amax)
+        self.fp8, self.fp8_static = True, input_amax is not None
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -216,7 +232,9 @@ class Teacher(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What identifies the targets (for store.json and config-mismatch checks)."""
-        return self._identity(FLOAT8 if self.fp8 else str(self.dtype).removeprefix("torch."))
+        if self.fp8:
+            return self._identity(f"{FLOAT8}-static" if self.fp8_static else FLOAT8)
+        return self._identity(str(self.dtype).removeprefix("torch."))
 
     @classmethod
     def describe_pretrained(cls, name_or_path: str | Path, *, dtype: str, **kwargs: Any) -> dict[str, Any]:

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from tests.test_fp8 import cpu_scaled_mm
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,3 +57,19 @@ def test_extract_scaling_bench_runs_one_process_per_device(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["phase_gpus"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert all(r["clips"] > 0 for r in rows)
+
+
+@cpu_scaled_mm
+def test_extract_bench_loads_a_static_fp8_teacher(tmp_path, monkeypatch):
+    """bench/extract.py's `-fp8static` variant: a bf16 teacher calibrated on its own clips, then FP8 with
+    those scales (CPU `_scaled_mm` runs the math; the FP8 device check is faked)."""
+    import pipeline.teacher
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import extract as bench_extract
+
+    monkeypatch.setattr(pipeline.teacher, "fp8_unsupported_reason", lambda device: None)
+    cpu = torch.device("cpu")
+    path = bench_extract.make_teacher_dir(tmp_path / "teacher", bench_extract.TINY, cpu)
+    teacher = bench_extract._load_teacher(path, cpu, "eager-fp8static", 8)
+    assert teacher.fp8 and teacher.describe()["dtype"] == "float8-static"

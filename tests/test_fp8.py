@@ -221,6 +221,23 @@ def test_teacher_float8_converts_block_linears_only(tiny_teacher, fake_fp8_cpu):
     assert cosine(tokens, ref) > 0.999 and cosine(compress_tokens(tokens, wap), compress_tokens(ref, wap)) > 0.999
 
 
+@cpu_scaled_mm
+def test_teacher_static_fp8_is_calibrated_first_and_described_apart(tiny_teacher, fake_fp8_cpu):
+    bf16 = Teacher.from_pretrained(tiny_teacher, device="cpu", dtype="bfloat16")
+    clips = frames(8).reshape(2, 4, 112, 112, 3)
+    ref = bf16.encode(clips)
+    teacher = Teacher.from_pretrained(tiny_teacher, device="cpu", dtype="bfloat16")
+    amax = teacher.calibrate_fp8(frames(8, seed=1).reshape(2, 4, 112, 112, 3))    # other clips than the test's
+    assert len(amax) == 2 * 6 and all(v > 0 for v in amax.values())
+    teacher.use_fp8(amax)
+    assert teacher.describe() == {**bf16.describe(), "dtype": "float8-static"}     # a store tells it apart
+    assert all(m.input_scale is not None for m in teacher._layers().modules() if isinstance(m, FP8Linear))
+    tokens, wap = teacher.encode(clips), Compression()
+    assert cosine(tokens, ref) > 0.999 and cosine(compress_tokens(tokens, wap), compress_tokens(ref, wap)) > 0.999
+    with pytest.raises(TeacherError, match="before use_fp8"):
+        teacher.calibrate_fp8(clips)
+
+
 # -- on an FP8 GPU ---------------------------------------------------------------------------------
 @fp8_gpu
 def test_gpu_fp8_student_tokens_match_bf16():
