@@ -52,19 +52,21 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     tick, out = os.sysconf("SC_CLK_TCK"), {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()       # from field 3 (state) on
+            head, rest = stat.read_text().rsplit(")", 1)                # "pid (comm", fields from state on
             argv = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:              # the process ended meanwhile
             continue
-        out[int(stat.parent.name)] = (process_role(argv), sum(int(v) for v in fields[11:15]) / tick)
+        cpu = sum(int(v) for v in rest.split()[11:15]) / tick
+        out[int(stat.parent.name)] = (process_role(argv, head.split("(", 1)[1]), cpu)
     return out
 
 
-def process_role(argv: list[str]) -> str:
-    """`ray::<title>` for a Ray worker, `python <script or -m module>`, else the program's name."""
+def process_role(argv: list[str], comm: str) -> str:
+    """`ray::<title>` for a Ray worker, `python <script or -m module>`, else the program's name (its
+    kernel name where the command line is empty: imageio-ffmpeg's binary shows none)."""
     if argv[0].startswith("ray::"):          # `ray::MapWorker(MapBatches(TeacherStage)).__init__`: no method
         return argv[0].split()[0].split(".", 1)[0]
-    name = Path(argv[0]).name or "(kernel)"
+    name = Path(argv[0]).name or comm
     if name.startswith("python") and len(argv) > 1:
         return f"python {' '.join(argv[1:3]) if argv[1] == '-m' else Path(argv[1]).name}"
     return name
@@ -82,10 +84,15 @@ class ProcessCpu:
         self.first = {pid: cpu for pid, (_, cpu) in process_cpu().items()}
         self.last: dict[int, tuple[str, float]] = {}
 
-    def take(self) -> None:
+    def take(self) -> int:
+        """Snapshot now; returns the ffmpeg processes running (the CPU decodes in flight: one per
+        ffmpeg slot or decode task in use)."""
+        ffmpeg = 0
         for pid, (role, cpu) in process_cpu().items():
             known = self.last.get(pid)
             self.last[pid] = (known[0] if known and role == "ray::IDLE" else role, cpu)
+            ffmpeg += role.startswith("ffmpeg")
+        return ffmpeg
 
     def by_role(self) -> dict[str, float]:
         """CPU-seconds per role, largest first."""
@@ -117,18 +124,6 @@ def make_inputs(directory: Path, videos: int, copies: int, seconds: float) -> Pa
     return inputs
 
 
-def ffmpeg_processes() -> int:
-    """ffmpeg processes running on this machine now: the CPU decodes in flight (one per ffmpeg slot
-    or decode task in use)."""
-    count = 0
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            count += comm.read_text().startswith("ffmpeg")
-        except OSError:         # the process ended meanwhile
-            pass
-    return count
-
-
 class ResourceSampler(threading.Thread):
     """Every `every` s while a run goes: [unix time, machine cores busy, Ray CPUs in use, object store
     GiB in use, ffmpeg processes], so a slow run shows whether cores, Ray's CPU slots, the object store
@@ -150,8 +145,7 @@ class ResourceSampler(threading.Thread):
             self.samples.append([round(now, 1), round((cpu - last_cpu) / (now - last_t), 2),
                                  total.get("CPU", 0) - free.get("CPU", 0),
                                  round((total.get("object_store_memory", 0) - free.get("object_store_memory", 0))
-                                       / 2**30, 2), ffmpeg_processes()])
-            self.processes.take()
+                                       / 2**30, 2), self.processes.take()])
             last_t, last_cpu = now, cpu
 
     def stop(self) -> tuple[list[list[float]], dict[str, float]]:

@@ -238,10 +238,10 @@ def input_blocks(pending: "pa.Table") -> list["pa.Table"]:
 
 # GPU shares. Ray packs fractional shares first-fit: with 0.2 per decode actor and 0.8 per teacher,
 # on the H200 x2 both decode actors got GPU 0 and the second teacher could not be placed while they
-# ran (one teacher did all the work: bench/RESULTS.md). So a teacher asks for more than half a GPU (no two share one, whatever else is
-# placed), and a decode actor for a token share, only to land on a GPU node (up to 10 per node fit
-# beside its teachers); it sees all of the node's GPUs (DECODE_ENV) and claims one that no other
-# decode actor holds (pipeline.nvdec.claim_gpu).
+# ran (one teacher did all the work: bench/RESULTS.md). So a teacher asks for more than half a GPU
+# (no two share one, whatever else is placed), and a decode actor for a token share, only to land on
+# a GPU node (up to 10 per node fit beside its teachers); it sees all of the node's GPUs (DECODE_ENV)
+# and claims one that no other decode actor holds (pipeline.nvdec.claim_gpu).
 TEACHER_GPU_SHARE = 0.9
 DECODE_GPU_SHARE = 0.01
 DECODE_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}

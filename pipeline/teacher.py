@@ -85,8 +85,9 @@ class Teacher(nn.Module):
         if unknown:
             raise TeacherError(f"unknown attention backends {sorted(unknown)}; choose from {ATTENTION_BACKENDS}")
         self.attention_backends = tuple(attention_backends or ())
-        self.fp8 = False   # set by use_fp8 (from_pretrained(dtype="float8")) once the blocks' linears are FP8
-        self.fp8_static = False     # ... with calibrated static activation scales (calibrate_fp8)
+        # The FP8 precision once use_fp8 (from_pretrained(dtype="float8")) made the blocks' linears FP8:
+        # "float8", or "float8-static" with calibrated activation scales; None before.
+        self.fp8: str | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         # Per thread: a Ray actor with max_concurrency > 1 runs encode in several threads at once.
         self._captured = threading.local()
@@ -207,7 +208,7 @@ class Teacher(nn.Module):
         activations quantised per row, or with `input_amax`'s static scales (`calibrate_fp8`; described as
         dtype "float8-static", since the scales change the targets). Before compile_tokens."""
         convert_linears(self._layers(), fast_accum=False, input_amax=input_amax)
-        self.fp8, self.fp8_static = True, input_amax is not None
+        self.fp8 = FLOAT8 if input_amax is None else f"{FLOAT8}-static"
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -232,9 +233,7 @@ class Teacher(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What identifies the targets (for store.json and config-mismatch checks)."""
-        if self.fp8:
-            return self._identity(f"{FLOAT8}-static" if self.fp8_static else FLOAT8)
-        return self._identity(str(self.dtype).removeprefix("torch."))
+        return self._identity(self.fp8 or str(self.dtype).removeprefix("torch."))
 
     @classmethod
     def describe_pretrained(cls, name_or_path: str | Path, *, dtype: str, **kwargs: Any) -> dict[str, Any]:

@@ -50,6 +50,17 @@ def test_extract_job_run_specs():
     assert Run.parse("cpu:1") == Run("cpu", 1, None) and Run.parse("cpu") == Run("cpu", 0, None)
 
 
+def test_extract_job_names_process_roles():
+    sys.path.insert(0, str(REPO / "bench"))
+    from extract_job import process_role
+
+    assert process_role(["ray::MapWorker(MapBatches(TeacherStage)).__init__", ""], "ray::MapWorker") == \
+        "ray::MapWorker(MapBatches(TeacherStage))"
+    assert process_role(["/usr/bin/python3", "-m", "jobs.extract", "--input"], "python3") == "python -m jobs.extract"
+    assert process_role(["/x/.venv/bin/python", "/x/bench/extract_job.py"], "python") == "python extract_job.py"
+    assert process_role([""], "ffmpeg-linux-x8") == "ffmpeg-linux-x8"     # no command line: the kernel's name
+
+
 def test_extract_scaling_bench_runs_one_process_per_device(tmp_path):
     out = tmp_path / "scaling.json"
     _bench("extract_scaling.py", "--gpus", "2", "--shape", "tiny", "--seconds", "1", "--batch-frames", "8",
